@@ -1,0 +1,292 @@
+"""Configuration: typed dataclasses, TOML presets, flat `--key=value` overrides, validation.
+
+Every key is unique across sections, so the command line stays flat (`--n_layer=4`, `--mesh_fsdp=8`)
+while the code reads `cfg.model.n_layer`. The dataclass defaults *are* the default preset: a small
+character-level model on the built-in Shakespeare corpus that trains in minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line meant for the user."""
+
+
+def opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads per block")
+    n_embd: int = opt(128, "residual stream width")
+    block_size: int = opt(128, "context length in tokens")
+    vocab_size: int = opt(0, "tokenizer vocabulary; 0 = take it from the tokenizer (padded to 128 in the model)")
+    dropout: float = opt(0.0, "dropout rate in [0, 1)")
+    bias: bool = opt(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
+    dtype: str = opt("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of 128 so it shards evenly (nanoGPT's 50304)."""
+        return -(-self.vocab_size // 128) * 128
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("shakespeare", "built-in corpus name, or a directory/file of .txt to prepare")
+    tokenizer: str = opt("byte", "byte (vocab 256) or gpt2 (tiktoken, offline)")
+    data_dir: str = opt("data", "where prepared corpora (train.bin, val.bin, meta.json) live")
+    batch_size: int = opt(32, "global sequences per micro-step, over all devices and processes")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = opt(2e-3, "peak learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip gradients to this global norm; 0 disables")
+    decay_lr: bool = opt(True, "cosine-decay the learning rate after warmup")
+    warmup_iters: int = opt(-1, "linear warmup steps; -1 = 10% of max_iters")
+    lr_decay_iters: int = opt(-1, "step where cosine decay reaches min_lr; -1 = max_iters")
+    min_lr: float = opt(-1.0, "final learning rate; -1 = learning_rate / 10")
+    gradient_accumulation_steps: int = opt(1, "micro-steps accumulated per optimizer step")
+
+
+@dataclass
+class MeshConfig:
+    mesh_data: int = opt(-1, "data-parallel mesh axis size; -1 = the remaining devices")
+    mesh_fsdp: int = opt(1, "fully-sharded (ZeRO-3) mesh axis size; -1 = the remaining devices")
+    mesh_tensor: int = opt(1, "tensor-parallel mesh axis size; -1 = the remaining devices")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = opt("out", "run directory: checkpoints, config.json, metrics.jsonl")
+    init_from: str = opt("scratch", "scratch or resume (latest checkpoint in out_dir)")
+    overwrite: bool = opt(False, "allow init_from=scratch into an out_dir that holds checkpoints")
+    max_iters: int = opt(2000, "optimizer steps to train for")
+    eval_interval: int = opt(250, "evaluate every N steps (and at the end)")
+    eval_iters: int = opt(20, "validation batches per evaluation")
+    eval_only: bool = opt(False, "evaluate the checkpoint in out_dir and exit")
+    log_interval: int = opt(10, "log a train row every N steps")
+    checkpoint_interval: int = opt(0, "save every N steps; 0 = eval_interval")
+    keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    seed: int = opt(1337, "seed for initialisation, data order and dropout")
+    peak_flops: float = opt(0.0, "per-device peak FLOP/s for MFU; 0 = known GPU/TPU peak or a measured CPU matmul")
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = opt("out", "run directory to sample from")
+    step: int = opt(-1, "checkpoint step to load; -1 = the latest")
+    start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
+    num_samples: int = opt(3, "samples to draw")
+    max_new_tokens: int = opt(256, "tokens generated per sample")
+    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = opt(0, "keep the k most likely tokens; 0 = all")
+    top_p: float = opt(1.0, "nucleus: keep the smallest set with this much probability, in (0, 1]")
+    seed: int = opt(1337, "sampling seed")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat {key: value}, the same keys the command line takes."""
+        return {k: v for section in _sections(self) for k, v in dataclasses.asdict(section).items()}
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any]) -> "Config":
+        cfg = cls()
+        _apply(cfg, flat, source="config")
+        return cfg
+
+
+# nanoGPT keys that mean nothing here, with what to use instead.
+_FOREIGN_KEYS = {
+    "device": "devices are chosen by JAX; shape them with --mesh_data/--mesh_fsdp/--mesh_tensor",
+    "compile": "every step is compiled with jax.jit; there is nothing to switch",
+    "backend": "collectives are chosen by JAX; use --mesh_* keys",
+    "wandb_log": "metrics are written to out_dir/metrics.jsonl",
+    "wandb_project": "metrics are written to out_dir/metrics.jsonl",
+    "wandb_run_name": "metrics are written to out_dir/metrics.jsonl",
+    "always_save_checkpoint": "use --checkpoint_interval",
+}
+
+
+def _sections(obj: Any) -> list[Any]:
+    return [getattr(obj, f.name) for f in dataclasses.fields(obj)] if isinstance(obj, Config) else [obj]
+
+
+def _fields(obj: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """key -> (section instance, field), across every section of a Config (or one dataclass)."""
+    return {f.name: (s, f) for s in _sections(obj) for f in dataclasses.fields(s)}
+
+
+def _parse_value(key: str, raw: Any, kind: type) -> Any:
+    """Coerce a command-line string (or a TOML value) to the field's type, or say what is wrong."""
+    bad = ConfigError(f"{key}={raw!r} is not a valid {kind.__name__}")
+    if kind is str:
+        if not isinstance(raw, str):
+            raise bad
+        return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise bad
+    try:  # int or float; "1e3" is a fine int as long as it is whole
+        value = float(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (kind is int and not value.is_integer()):
+        raise bad
+    return int(value) if kind is int else value
+
+
+def _apply(obj: Any, values: dict[str, Any], source: str) -> None:
+    known = _fields(obj)
+    for key, raw in values.items():
+        if key in _FOREIGN_KEYS and key not in known:
+            raise ConfigError(f"{source}: '{key}' has no meaning here: {_FOREIGN_KEYS[key]}")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see --help for the keys)"
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        section, f = known[key]
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        setattr(section, key, _parse_value(key, raw, kind))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset is a flat TOML file: a path, or a name in configs/ (`gpt2_124m` -> configs/gpt2_124m.toml)."""
+    path = Path(name)
+    if not path.is_file():
+        path = CONFIGS_DIR / f"{name.removesuffix('.toml')}.toml"
+    if not path.is_file():
+        available = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset '{name}': use a .toml path or one of {', '.join(available)}")
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"preset {path}: {e}") from None
+
+
+def read_args(argv: list[str], allow_preset: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """`[preset] --key=value ...` -> [(source, {key: value})], preset first, command line last."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    overrides: dict[str, str] = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"'{arg}' must be written --{key}=VALUE")
+            overrides[key] = value
+        elif allow_preset and not overrides and not layers:
+            layers.append((f"preset {arg}", load_preset(arg)))
+        else:
+            raise ConfigError(f"unexpected argument '{arg}': give options as --key=value")
+    return layers + [("command line", overrides)]
+
+
+def parse_args(obj: Any, argv: list[str], allow_preset: bool = True) -> Any:
+    """Apply `[preset] --key=value ...` to the dataclass `obj` (a Config or a single section) in place."""
+    for source, values in read_args(argv, allow_preset):
+        _apply(obj, values, source)
+    return obj
+
+
+def help_text(obj: Any, usage: str) -> str:
+    lines = [usage, "", "Keys (--key=value), default and meaning:"]
+    for key, (section, f) in _fields(obj).items():
+        lines.append(f"  --{key:<28} {json.dumps(getattr(section, key)):<12} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values before anything compiles. Mesh divisibility is checked in sharding.py."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    positive = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
+                "batch_size": d.batch_size, "max_iters": t.max_iters, "eval_interval": t.eval_interval,
+                "eval_iters": t.eval_iters, "log_interval": t.log_interval, "keep_checkpoints": t.keep_checkpoints,
+                "gradient_accumulation_steps": o.gradient_accumulation_steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be a positive integer")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype={m.dtype!r}: use float32 or bfloat16")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
+    if d.tokenizer not in ("byte", "gpt2"):
+        raise ConfigError(f"tokenizer={d.tokenizer!r}: use byte or gpt2")
+    if t.init_from not in ("scratch", "resume"):
+        raise ConfigError(f"init_from={t.init_from!r}: use scratch or resume")
+    if o.learning_rate <= 0:
+        raise ConfigError(f"learning_rate={o.learning_rate}: must be > 0")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(o, key)}: must be in [0, 1)")
+    for key, value in {"weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "peak_flops": t.peak_flops}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0")
+    if o.warmup_iters < -1 or o.lr_decay_iters < -1 or t.checkpoint_interval < 0:
+        raise ConfigError("warmup_iters and lr_decay_iters must be >= 0 (or -1 for auto); checkpoint_interval >= 0")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the automatic (-1) values from the others, so the saved config says what actually ran."""
+    o, t = cfg.optim, cfg.train
+    if o.warmup_iters == -1:
+        o.warmup_iters = t.max_iters // 10
+    if o.lr_decay_iters == -1:
+        o.lr_decay_iters = t.max_iters
+    if o.min_lr < 0:
+        o.min_lr = o.learning_rate / 10
+    if t.checkpoint_interval == 0:
+        t.checkpoint_interval = t.eval_interval
+    return cfg
+
+
+def validate_sample(s: SampleConfig) -> None:
+    if s.num_samples < 1:
+        raise ConfigError(f"num_samples={s.num_samples}: must be >= 1")
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={s.max_new_tokens}: must be >= 1")
+    if s.temperature < 0:
+        raise ConfigError(f"temperature={s.temperature}: must be >= 0 (0 = greedy)")
+    if s.top_k < 0:
+        raise ConfigError(f"top_k={s.top_k}: must be >= 0 (0 = no top-k filter)")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"top_p={s.top_p}: must be in (0, 1]")
+    if s.start == "":
+        raise ConfigError("start='': the prompt is empty; give at least one character")

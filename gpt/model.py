@@ -1,0 +1,149 @@
+"""The GPT-2 architecture in Flax (Linen): one class per concept, as nanoGPT's model.py.
+
+Learned token and position embeddings, pre-LayerNorm blocks of causal multi-head attention and a 4x
+tanh-GELU MLP, a final LayerNorm, and an LM head tied to the token embedding. Initialisation is GPT-2's:
+normal(0.02), with the residual projections scaled by 1/sqrt(2 * n_layer).
+
+Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", ...); gpt/sharding.py maps
+them to mesh axes, so no layer here knows how it is sharded. Parameters are float32; `dtype` sets the
+compute precision of the matmuls.
+
+Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, cache_len, heads, head_dim], passed
+in and returned, so the decode loop stays a pure function under jit.
+"""
+
+from __future__ import annotations
+
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt.config import ModelConfig
+
+LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, use_bias=cfg.bias, dtype=jnp.float32, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=_zeros(("embed",)))
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias, contracting x's last `n_in` axes; `axes` names the kernel's axes logically.
+    (Flax's DenseGeneral initialises a flat kernel and reshapes it, which breaks logical axis names.)"""
+
+    features: tuple[int, ...]
+    axes: tuple
+    cfg: ModelConfig
+    std: float = 0.02
+    n_in: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(self.std, self.axes), (*x.shape[-self.n_in:], *self.features))
+        y = jnp.tensordot(x.astype(self.cfg.dtype), kernel.astype(self.cfg.dtype), axes=self.n_in)
+        if self.cfg.bias:
+            y = y + self.param("bias", _zeros(self.axes[self.n_in:]), self.features).astype(self.cfg.dtype)
+        return y
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cache, cache_index, deterministic):
+        cfg = self.cfg
+        n_head, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
+        qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:  # write this chunk's keys/values at cache_index, attend over the whole cache
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
+            cache = (k, v)
+        # Fused attention: cuDNN flash attention on GPUs, XLA elsewhere.
+        y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, is_causal=mask is None)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=residual_std, n_in=2, name="c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        cfg = self.cfg
+        h = Dense((4 * cfg.n_embd,), ("embed", "mlp"), cfg, name="c_fc")(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))  # GPT-2's gelu_new
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        h = Dense((cfg.n_embd,), ("mlp", "embed"), cfg, std=residual_std, name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cache, cache_index, deterministic):
+        y, cache = CausalSelfAttention(self.cfg, name="attn")(
+            _layer_norm(self.cfg, "ln_1")(x), mask, cache, cache_index, deterministic)
+        x = x + y
+        x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed")), cache
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, idx, positions=None, mask=None, cache=None, cache_index=0, deterministic=True):
+        """Logits [B, T, padded_vocab] (float32) for token ids idx [B, T], and the updated cache.
+
+        positions: [B, T] position ids (default 0..T-1). mask: [B, 1, T, S] boolean attention mask; None means
+        plain causal attention over idx itself. cache: per-layer (k, v) from init_cache, written at cache_index.
+        """
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(idx.shape[1]), idx.shape)
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype, name="wte",
+                       embedding_init=_init(0.02, ("vocab", "embed")))
+        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, name="wpe",
+                       embedding_init=_init(0.02, ("pos", "embed")))
+        x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        new_cache = []
+        for i in range(cfg.n_layer):
+            x, layer_cache = Block(cfg, name=f"h_{i}")(
+                x, mask, None if cache is None else cache[i], cache_index, deterministic)
+            new_cache.append(layer_cache)
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = wte.attend(x.astype(cfg.dtype)).astype(jnp.float32)  # LM head tied to the token embedding
+        # Padding rows of the vocabulary are never predicted: the loss and the samplers see the true vocabulary.
+        logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
+        return logits, (tuple(new_cache) if cache is not None else None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
+    shape = (batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
+
+
+def count_params(params) -> int:
+    """Parameters as GPT-2 counts them: the vocabulary padding rows excluded, the tied head counted once."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N for the matmuls, 12*L*C*T for attention."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
