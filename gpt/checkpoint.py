@@ -20,7 +20,8 @@ def checkpoint_dir(out_dir: str) -> Path:
 
 
 def make_manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+    options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only
+               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
 
 

@@ -104,6 +104,7 @@ class SampleConfig:
     top_k: int = opt(0, "keep the k most likely tokens; 0 = all")
     top_p: float = opt(1.0, "nucleus: keep the smallest set with this much probability, in (0, 1]")
     seed: int = opt(1337, "sampling seed")
+    json: bool = opt(False, "print one JSON object per sample per line on stdout")
 
 
 @dataclass
@@ -137,8 +138,16 @@ _FOREIGN_KEYS = {
 }
 
 
+@dataclass
+class SampleArgs:
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
 def _sections(obj: Any) -> list[Any]:
-    return [getattr(obj, f.name) for f in dataclasses.fields(obj)] if isinstance(obj, Config) else [obj]
+    """A dataclass of section dataclasses (Config, SampleArgs) -> its sections; a lone section -> [itself]."""
+    values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return values if all(dataclasses.is_dataclass(v) for v in values) else [obj]
 
 
 def _fields(obj: Any) -> dict[str, tuple[Any, dataclasses.Field]]:

@@ -140,7 +140,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
 
 
 def count_params(params) -> int:
-    """Parameters as GPT-2 counts them: the vocabulary padding rows excluded, the tied head counted once."""
+    """Every parameter, the tied LM head counted once (with the embedding)."""
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 

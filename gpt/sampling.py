@@ -1,0 +1,147 @@
+"""Sampling from a trained model: one jitted prefill over the prompts, then a jitted decode loop with a
+preallocated KV cache (lax.while_loop: no Python work per token).
+
+Prompts of different lengths share a batch: they are left-padded to a bucket length (a power of two, so a
+new prompt length rarely recompiles), pad slots are masked out of attention, and each row's positions start
+at 0 at its first real token. Every row then writes its n-th new token to the same cache slot.
+
+The rules apply in the order users expect: temperature, then top-k, then top-p; temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt import checkpoint, sharding
+from gpt.config import Config, ConfigError, MeshConfig, ModelConfig
+from gpt.model import GPT, init_cache
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+    """Scale by temperature, then mask (to -inf) all but the top_k (0 = all), then all outside the nucleus:
+    the smallest set of most likely tokens whose probability reaches top_p."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    ranked = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
+    n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_logits(logits, key, temperature, top_k, top_p):
+    """Next tokens [B] from logits [B, V]."""
+    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled)
+
+
+def bucket(length: int) -> int:
+    return max(8, 1 << (length - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Rules:
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+class Generator:
+    """Compiled prefill and decode for one model; the compiled functions are reused across calls."""
+
+    def __init__(self, cfg: ModelConfig, params, eot_token: int | None = None):
+        self.cfg, self.params, self.eot = cfg, params, eot_token
+        self.model = GPT(cfg)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len")
+        self._decode = jax.jit(self._decode_fn, static_argnames="max_new_tokens")
+
+    def _prefill_fn(self, params, tokens, pad, cache_len: int):
+        """tokens [B, L] left-padded by pad [B]; returns the logits of the last position and the filled cache."""
+        b, length = tokens.shape
+        positions = jnp.maximum(jnp.arange(length)[None, :] - pad[:, None], 0)
+        slot = jnp.arange(cache_len)
+        query = jnp.arange(length)[None, :, None]
+        # Real tokens see the real tokens up to themselves; a pad slot sees only itself (never an empty row).
+        mask = (slot <= query) & ((slot >= pad[:, None, None]) | (slot == query))
+        cache = init_cache(self.cfg, b, cache_len)
+        logits, cache = self.model.apply({"params": params}, tokens, positions, mask[:, None], cache, 0)
+        return logits[:, -1], cache
+
+    def _decode_fn(self, params, cache, logits, pad, key, temperature, top_k, top_p, max_new_tokens: int):
+        """Sample max_new_tokens tokens, feeding each back through the cache; rows stop at end-of-text."""
+        b = logits.shape[0]
+        length = cache[0][0].shape[1] - max_new_tokens  # prompt bucket
+        slot = jnp.arange(cache[0][0].shape[1])
+
+        def body(carry):
+            t, cache, logits, out, done = carry
+            token = sample_logits(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)
+            token = jnp.where(done, 0, token)
+            out = out.at[:, t].set(token)
+            if self.eot is not None:
+                done = done | (token == self.eot)
+            index = length + t
+            mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
+            logits, cache = self.model.apply({"params": params}, token[:, None], (index - pad)[:, None],
+                                             mask[:, None, None, :], cache, index)
+            return t + 1, cache, logits[:, -1], out, done
+
+        def cond(carry):
+            return (carry[0] < max_new_tokens) & ~jnp.all(carry[4])
+
+        init = (0, cache, logits, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
+        _, _, _, out, done = jax.lax.while_loop(cond, body, init)
+        return out
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, seed: int) -> list[list[int]]:
+        """New token ids for each prompt (up to and including end-of-text, if the model emits it)."""
+        if any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt is empty: give at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.cfg.block_size:
+            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of block_size={self.cfg.block_size} tokens")
+        length = min(bucket(longest), self.cfg.block_size)
+        tokens = np.zeros((len(prompts), length), np.int32)
+        pad = np.array([length - len(p) for p in prompts], np.int32)
+        for row, p in enumerate(prompts):
+            tokens[row, pad[row]:] = p
+        logits, cache = self._prefill(self.params, tokens, pad, cache_len=length + max_new_tokens)
+        out = self._decode(self.params, cache, logits, pad, jax.random.key(seed), jnp.float32(rules.temperature),
+                           jnp.int32(rules.top_k), jnp.float32(rules.top_p), max_new_tokens=max_new_tokens)
+        result = []
+        for row in np.asarray(out).tolist():
+            if self.eot is not None and self.eot in row:
+                row = row[: row.index(self.eot) + 1]
+            result.append(row)
+        return result
+
+
+def load_checkpoint(out_dir: str, step: int, mesh_cfg: MeshConfig):
+    """The model config, parameters (only those: no optimizer state) and tokenizer meta of a checkpoint,
+    with the parameters placed straight into their shardings on the mesh mesh_cfg describes."""
+    manager = checkpoint.make_manager(out_dir, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {checkpoint.checkpoint_dir(out_dir)}: train one with train.py first")
+    if step >= 0 and step not in steps:
+        raise ConfigError(f"step={step}: {out_dir} has checkpoints at steps {sorted(steps)}")
+    meta = checkpoint.read_meta(manager, max(steps) if step < 0 else step)
+    cfg = Config.from_dict(meta["config"])
+    mesh = sharding.make_mesh(mesh_cfg)
+    model = GPT(cfg.model)
+    with sharding.activate(mesh):
+        init = lambda key: model.init(key, jnp.zeros((1, cfg.model.block_size), jnp.int32))["params"]
+        abstract, _, _ = sharding.shard_init(init, mesh, jax.random.key(0))
+        restored_step, params, _, meta = checkpoint.restore(manager, None if step < 0 else step, abstract)
+    manager.close()
+    return cfg.model, params, meta, restored_step

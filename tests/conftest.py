@@ -1,0 +1,55 @@
+"""Shared fixtures: a persistent XLA compilation cache (set before JAX is imported, inherited by the
+subprocesses the CLI tests start), the built-in corpus prepared once, and a tiny byte-level config."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "gpt-jax-tests" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from gpt.config import Config, parse_args, resolve, validate  # noqa: E402
+from gpt.data import prepare  # noqa: E402
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=8",
+        "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The built-in Shakespeare corpus, byte-tokenized once for the whole session."""
+    root = tmp_path_factory.mktemp("data")
+    cfg = Config()
+    cfg.data.data_dir = str(root)
+    prepare(cfg.data, quiet=True)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(data_dir, tmp_path):
+    """A 2-layer, 32-wide byte model config writing into a fresh out_dir: make(...overrides) builds one."""
+
+    def make(*overrides: str) -> Config:
+        cfg = parse_args(Config(), [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", *overrides])
+        validate(cfg)
+        cfg = resolve(cfg)
+        cfg.model.vocab_size = 256
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def cli():
+    """cli("train.py", "--key=value", ...) runs a CLI in a subprocess (under a timeout) and returns the result."""
+
+    def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    return run

@@ -1,0 +1,122 @@
+"""The Flax model against an independent numpy forward pass of the same weights, and its structure."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt.config import ModelConfig
+from gpt.model import GPT, count_params
+
+
+def numpy_gpt2(p: dict, idx: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-2's forward pass written out in float64 numpy, straight from the paper's description."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+
+    def layer_norm(x, ln):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
+
+    def gelu(x):  # tanh approximation, as GPT-2's gelu_new
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    b, t = idx.shape
+    x = p["wte"]["embedding"][idx] + p["wpe"]["embedding"][np.arange(t)]
+    n_layer = sum(k.startswith("h_") for k in p)
+    for i in range(n_layer):
+        blk = p[f"h_{i}"]
+        h = layer_norm(x, blk["ln_1"])
+        c = h.shape[-1]
+        w = blk["attn"]["c_attn"]["kernel"].reshape(c, 3 * c)  # [C, 3, heads, head_dim] -> HF's [C, 3C]
+        qkv = h @ w + blk["attn"]["c_attn"]["bias"].reshape(3 * c)
+        q, k, v = np.split(qkv, 3, axis=-1)
+        heads = lambda a: a.reshape(b, t, n_head, c // n_head).transpose(0, 2, 1, 3)
+        q, k, v = heads(q), heads(k), heads(v)
+        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c // n_head)
+        att = np.where(np.tril(np.ones((t, t), bool)), att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att = att / att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, c)
+        x = x + y @ blk["attn"]["c_proj"]["kernel"].reshape(c, c) + blk["attn"]["c_proj"]["bias"]
+        h = layer_norm(x, blk["ln_2"])
+        x = x + gelu(h @ blk["mlp"]["c_fc"]["kernel"] + blk["mlp"]["c_fc"]["bias"]) @ blk["mlp"]["c_proj"]["kernel"] \
+            + blk["mlp"]["c_proj"]["bias"]
+    x = layer_norm(x, p["ln_f"])
+    return x @ p["wte"]["embedding"].T
+
+
+def make(cfg: ModelConfig, seed: int = 0, batch: int = 2):
+    model = GPT(cfg)
+    idx = jax.random.randint(jax.random.key(seed + 1), (batch, cfg.block_size), 0, cfg.vocab_size)
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
+                          model.init(jax.random.key(seed), idx)["params"], is_leaf=lambda x: hasattr(x, "value"))
+    # Random biases and LayerNorm parameters too, so the reference checks that every one is used correctly.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
+    params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    return model, params, idx
+
+
+TINY = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=200)
+
+
+def test_logits_match_numpy_reference():
+    model, params, idx = make(TINY)
+    logits, _ = model.apply({"params": params}, idx)
+    reference = numpy_gpt2(params, np.asarray(idx), TINY.n_head)
+    assert logits.shape == (2, 16, 256)  # vocabulary padded to a multiple of 128
+    np.testing.assert_allclose(np.asarray(logits[..., :200]), reference[..., :200], rtol=1e-4, atol=1e-4)
+
+
+def test_padded_vocabulary_is_never_predicted():
+    model, params, idx = make(TINY)
+    logits, _ = model.apply({"params": params}, idx)
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(probs[..., 200:].max()) == 0.0
+    assert int(jnp.argmax(logits, -1).max()) < 200
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    model, params, idx = make(TINY)
+    changed = idx.at[:, 10:].set((idx[:, 10:] + 7) % TINY.vocab_size)
+    a, _ = model.apply({"params": params}, idx)
+    b, _ = model.apply({"params": params}, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :10]), np.asarray(b[:, :10]))
+    assert not np.allclose(np.asarray(a[:, 10:]), np.asarray(b[:, 10:]))
+
+
+def test_gpt2_initialisation():
+    cfg = ModelConfig(n_layer=6, n_head=4, n_embd=128, block_size=64, vocab_size=256)
+    model = GPT(cfg)
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "value"))
+    assert np.std(params["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(params["h_0"]["attn"]["c_attn"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert np.std(params["h_0"]["mlp"]["c_proj"]["kernel"]) == pytest.approx(residual, rel=0.05)
+    assert np.std(params["h_0"]["attn"]["c_proj"]["kernel"]) == pytest.approx(residual, rel=0.05)
+    assert np.all(params["h_0"]["ln_1"]["scale"] == 1) and np.all(params["h_0"]["attn"]["c_attn"]["bias"] == 0)
+    # Every parameter is named with logical axes, one name per dimension.
+    for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names")):
+        assert len(leaf.names) == leaf.value.ndim
+    # GPT-2's count: 12*L*C^2 + 13*L*C + 2C (final LN) + (V + T)*C, biases included.
+    c, L = cfg.n_embd, cfg.n_layer
+    expected = 12 * L * c * c + 13 * L * c + 2 * c + (cfg.padded_vocab_size + cfg.block_size) * c
+    assert count_params(params) == expected
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    model, params, idx = make(TINY)
+    lo, _ = GPT(ModelConfig(**{**TINY.__dict__, "dtype": "bfloat16"})).apply({"params": params}, idx)
+    hi, _ = model.apply({"params": params}, idx)
+    assert lo.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(lo[..., :200]), np.asarray(hi[..., :200]), atol=0.1)
+
+
+def test_no_bias_variant_has_no_bias_parameters():
+    cfg = ModelConfig(**{**TINY.__dict__, "bias": False})
+    params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert not any("bias" in p for p in paths)

@@ -1,0 +1,132 @@
+"""Sampling: cached decoding against full recomputes, greedy against argmax, and the filtering rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt.config import ConfigError, ModelConfig
+from gpt.model import GPT, init_cache
+from gpt.sampling import Generator, Rules, filter_logits, sample_logits
+from tests.test_model import make
+
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=200)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model, params, _ = make(CFG)
+    return model, params
+
+
+def full_logits(model, params, ids):
+    """Logits of a full (uncached) forward over ids. Padded at the end to block_size so one compilation
+    serves every length: causality makes the padding invisible to the positions we read."""
+    padded = np.zeros((1, CFG.block_size), np.int32)
+    padded[0, : len(ids)] = ids
+    logits, _ = _apply({"params": params}, padded)
+    return np.asarray(logits[0, : len(ids)])
+
+
+_apply = jax.jit(GPT(CFG).apply)
+
+
+def test_greedy_equals_step_by_step_argmax_of_full_forward(model_params):
+    model, params = model_params
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]  # mixed lengths in one batch
+    out = Generator(CFG, params).generate(prompts, 12, Rules(temperature=0.0), seed=0)
+    for prompt, new in zip(prompts, out):
+        ids = list(prompt)
+        for _ in range(12):
+            ids.append(int(np.argmax(full_logits(model, params, ids)[-1])))
+        assert new == ids[len(prompt):]
+
+
+def test_cached_decode_logits_equal_full_recompute(model_params):
+    """Drive prefill + per-token cached steps by hand with left-padded mixed-length prompts."""
+    model, params = model_params
+    gen = Generator(CFG, params)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    length, steps = 8, 6
+    tokens = np.zeros((2, length), np.int32)
+    pad = np.array([length - len(p) for p in prompts], np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, pad[r]:] = p
+    logits, cache = gen._prefill(params, tokens, pad, cache_len=length + steps)
+    seqs = [list(p) for p in prompts]
+    slot = jnp.arange(length + steps)
+    rng = np.random.default_rng(0)
+    for t in range(steps):
+        for r in range(2):
+            np.testing.assert_allclose(np.asarray(logits[r, :200]), full_logits(model, params, seqs[r])[-1, :200],
+                                       rtol=1e-4, atol=1e-4)
+        token = rng.integers(0, 200, size=2)
+        for r in range(2):
+            seqs[r].append(int(token[r]))
+        index = length + t
+        mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
+        out, cache = model.apply({"params": params}, jnp.asarray(token[:, None], jnp.int32),
+                                 jnp.asarray((index - pad)[:, None]), mask[:, None, None, :], cache, index)
+        logits = out[:, -1]
+
+
+def test_top_k_never_leaves_the_k_best():
+    logits = jax.random.normal(jax.random.key(0), (4, 200)) * 3
+    best = set()
+    for r in range(4):
+        best.add(tuple(np.argsort(-np.asarray(logits[r]))[:5]))
+    keys = jax.random.split(jax.random.key(1), 300)
+    draws = jax.vmap(lambda k: sample_logits(logits, k, 1.5, 5, 1.0))(keys)
+    for r in range(4):
+        allowed = set(np.argsort(-np.asarray(logits[r]))[:5].tolist())
+        assert set(np.asarray(draws[:, r]).tolist()) <= allowed
+        assert len(set(np.asarray(draws[:, r]).tolist())) > 1  # it did sample, not argmax
+
+
+def test_top_p_never_leaves_the_nucleus():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]]))
+    keys = jax.random.split(jax.random.key(2), 2000)
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 0, 0.8))(keys))[:, 0]
+    assert set(draws.tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.5 + 0.25 + 0.15
+
+
+def test_empirical_distribution_matches_filtered_softmax():
+    logits = jnp.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    temperature, top_k, top_p = 0.7, 4, 0.9
+    expected = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p)))[0]
+    assert expected[4] == 0 and expected[5] == 0  # top-k cut
+    keys = jax.random.split(jax.random.key(3), 20000)
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature, top_k, top_p))(keys))[:, 0]
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    np.testing.assert_allclose(freq, expected, atol=0.015)  # ~4 standard errors at n=20000
+
+
+def test_rules_apply_in_order_temperature_then_top_k_then_top_p():
+    # After temperature 0.5 the top two hold > 0.9 of the mass, so top_p=0.9 keeps only them;
+    # had top-p been applied before temperature it would have kept three.
+    logits = jnp.log(jnp.array([[0.4, 0.35, 0.25]]))
+    kept = np.isfinite(np.asarray(filter_logits(logits, 0.5, 0, 0.7)))[0]
+    assert kept.tolist() == [True, True, False]
+
+
+def test_sampling_is_reproducible_for_a_seed(model_params):
+    _, params = model_params
+    gen = Generator(CFG, params)
+    a = gen.generate([[1, 2, 3]] * 3, 10, Rules(1.0, 0, 1.0), seed=7)
+    b = gen.generate([[1, 2, 3]] * 3, 10, Rules(1.0, 0, 1.0), seed=7)
+    c = gen.generate([[1, 2, 3]] * 3, 10, Rules(1.0, 0, 1.0), seed=8)
+    assert a == b and a != c
+
+
+def test_stops_at_end_of_text(model_params):
+    model, params = model_params
+    greedy = Generator(CFG, params).generate([[5, 17, 42]], 10, Rules(0.0), seed=0)[0]
+    eot = greedy[3]  # pretend the 4th greedy token is end-of-text
+    out = Generator(CFG, params, eot_token=eot).generate([[5, 17, 42]], 10, Rules(0.0), seed=0)[0]
+    assert out == greedy[: greedy.index(eot) + 1]
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_an_error(model_params):
+    _, params = model_params
+    with pytest.raises(ConfigError, match="block_size=64"):
+        Generator(CFG, params).generate([[1] * 60], 10, Rules(), seed=0)
