@@ -44,6 +44,7 @@ def _shakespeare() -> list[tuple[str, str]]:
         text = re.sub(r"^\*\*(.+?)\*\* *$", r"\1:", text, flags=re.M)  # **HAMLET** -> HAMLET:
         text = re.sub(r"_(.+?)_", r"\1", text)                          # _Exit_ -> Exit
         text = re.sub(r" +$", "", text, flags=re.M)                     # Markdown hard-break spaces
+        text = re.sub(r"\n{3,}", "\n\n", text)
         docs.append((path.stem, text.strip() + "\n"))
     return docs
 
