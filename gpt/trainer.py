@@ -325,7 +325,7 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
                 mfu = timed_steps * flops_per_step / elapsed / peak
                 last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu}
                 log.row(**last)
-                eta = (time.perf_counter() - run_start) / (step + 1 - start_step) * (t.max_iters - step - 1)
+                eta = (t.max_iters - step - 1) * tokens_per_step / tok_s
                 log.say(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
                         f"grad {metrics['grad_norm']:.2f} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | eta {_fmt_time(eta)}")
                 timer, timed_steps = time.perf_counter(), 0
