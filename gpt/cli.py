@@ -27,8 +27,9 @@ def run_train(argv: list[str]) -> int:
         return 0
     try:
         cfg = parse_args(Config(), argv)
-        from gpt import trainer  # imports JAX: only once the arguments are known to be good
+        from gpt import sharding, trainer  # imports JAX: only once the arguments are known to be good
 
+        sharding.initialize_distributed(cfg.mesh)
         cfg = trainer.prepare_run(cfg, argv)
         trainer.train(cfg, argv)
     except ConfigError as e:
@@ -80,7 +81,8 @@ def _sample(args, prompt: str) -> int:
     generator = Generator(model_cfg, params, tok.eot_token)
     rules = Rules(s.temperature, s.top_k, s.top_p)
     t0 = time.perf_counter()
-    outputs = generator.generate([prompt_ids] * s.num_samples, s.max_new_tokens, rules, s.seed)
+    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - len(prompt_ids), 1)
+    outputs = generator.generate([prompt_ids] * s.num_samples, max_new, rules, s.seed)
     elapsed = time.perf_counter() - t0
     n_new = sum(len(o) for o in outputs)
     for ids in outputs:

@@ -75,6 +75,10 @@ class MeshConfig:
     mesh_data: int = opt(-1, "data-parallel mesh axis size; -1 = the remaining devices")
     mesh_fsdp: int = opt(1, "fully-sharded (ZeRO-3) mesh axis size; -1 = the remaining devices")
     mesh_tensor: int = opt(1, "tensor-parallel mesh axis size; -1 = the remaining devices")
+    coordinator_address: str = opt("", "multi-host: host:port of process 0 (with num_processes, process_id)")
+    num_processes: int = opt(1, "multi-host: number of processes")
+    process_id: int = opt(0, "multi-host: this process's index")
+    distributed: bool = opt(False, "multi-host: jax.distributed.initialize() from the cluster's environment (SLURM, TPU pod)")
 
 
 @dataclass
@@ -99,7 +103,7 @@ class SampleConfig:
     step: int = opt(-1, "checkpoint step to load; -1 = the latest")
     start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
     num_samples: int = opt(3, "samples to draw")
-    max_new_tokens: int = opt(256, "tokens generated per sample")
+    max_new_tokens: int = opt(-1, "tokens generated per sample; -1 = fill the model's context after the prompt")
     temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
     top_k: int = opt(0, "keep the k most likely tokens; 0 = all")
     top_p: float = opt(1.0, "nucleus: keep the smallest set with this much probability, in (0, 1]")
@@ -289,8 +293,8 @@ def resolve(cfg: Config) -> Config:
 def validate_sample(s: SampleConfig) -> None:
     if s.num_samples < 1:
         raise ConfigError(f"num_samples={s.num_samples}: must be >= 1")
-    if s.max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={s.max_new_tokens}: must be >= 1")
+    if s.max_new_tokens < 1 and s.max_new_tokens != -1:
+        raise ConfigError(f"max_new_tokens={s.max_new_tokens}: must be >= 1, or -1 to fill the context")
     if s.temperature < 0:
         raise ConfigError(f"temperature={s.temperature}: must be >= 0 (0 = greedy)")
     if s.top_k < 0:

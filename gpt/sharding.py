@@ -58,6 +58,23 @@ def mesh_shape(m: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def initialize_distributed(m: MeshConfig) -> None:
+    """Join a multi-process run, before JAX touches any device. Explicit flags win; `distributed=True`
+    lets JAX read the cluster's environment (SLURM, TPU pods, Open MPI)."""
+    if m.num_processes < 1 or not 0 <= m.process_id < m.num_processes:
+        raise ConfigError(f"process_id={m.process_id} with num_processes={m.num_processes}: "
+                          "need 0 <= process_id < num_processes")
+    if m.num_processes > 1 and not m.coordinator_address:
+        raise ConfigError(f"num_processes={m.num_processes} needs --coordinator_address=HOST:PORT of process 0")
+    if m.num_processes == 1 and not m.distributed:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    if m.num_processes > 1:
+        jax.distributed.initialize(m.coordinator_address, m.num_processes, m.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def make_mesh(m: MeshConfig) -> jax.sharding.Mesh:
     # Auto axes: XLA propagates shardings from the ones we declare (recent JAX defaults to Explicit).
     return jax.make_mesh(mesh_shape(m, jax.device_count()), AXES,

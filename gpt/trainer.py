@@ -205,6 +205,19 @@ def prepare_run(cfg: Config, argv: list[str]) -> Config:
     return resolve(cfg)
 
 
+def build(cfg: Config, mesh):
+    """The model, the optimizer, and the train state's shapes, shardings and sharded initialiser on mesh
+    (call under sharding.activate(mesh))."""
+    model, tx = GPT(cfg.model), make_optimizer(cfg.optim)
+
+    def init_fn(key):
+        params = model.init(key, jnp.zeros((1, cfg.model.block_size), jnp.int32))["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    abstract, shardings, init = sharding.shard_init(init_fn, mesh, jax.random.key(cfg.train.seed))
+    return model, tx, abstract, shardings, init
+
+
 def train(cfg: Config, argv: list[str] | None = None) -> dict:
     """Run (or resume, or only evaluate) training as cfg says. Returns the last metrics."""
     out = Path(cfg.train.out_dir)
@@ -231,16 +244,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
 
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
-    model = GPT(cfg.model)
-    tx = make_optimizer(cfg.optim)
-
-    def init_fn(key):
-        x = jnp.zeros((1, cfg.model.block_size), jnp.int32)
-        params = model.init(key, x)["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
     with sharding.activate(mesh):
-        abstract, shardings, init = sharding.shard_init(init_fn, mesh, jax.random.key(cfg.train.seed))
+        model, tx, abstract, shardings, init = build(cfg, mesh)
         manager = checkpoint.make_manager(cfg.train.out_dir, cfg.train.keep_checkpoints)
         if cfg.train.init_from == "resume":
             step, params, opt_state, _ = checkpoint.restore(manager, None, abstract.params, abstract.opt_state)

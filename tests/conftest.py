@@ -48,8 +48,11 @@ def tiny_cfg(data_dir, tmp_path):
 def cli():
     """cli("train.py", "--key=value", ...) runs a CLI in a subprocess (under a timeout) and returns the result."""
 
-    def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(script: str, *args: str, timeout: int = 600, devices: int = 1) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        if devices > 1:  # simulated CPU devices; appended so a user's XLA_FLAGS survive
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
         return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
+                              timeout=timeout, cwd=REPO, env=env)
 
     return run

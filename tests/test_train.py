@@ -8,22 +8,15 @@ import numpy as np
 
 from gpt import checkpoint, sharding
 from gpt.cli import run_train
-from gpt.model import GPT
-from gpt.optim import lr_schedule, make_optimizer
-from gpt.trainer import TrainState, make_train_step
+from gpt.optim import lr_schedule
+from gpt.trainer import build, make_train_step
 from tests.conftest import TINY
 
 
 def init_state(cfg):
-    model, tx = GPT(cfg.model), make_optimizer(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
-
-    def init_fn(key):
-        params = model.init(key, jnp.zeros((1, cfg.model.block_size), jnp.int32))["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
     with sharding.activate(mesh):
-        abstract, shardings, init = sharding.shard_init(init_fn, mesh, jax.random.key(0))
+        model, tx, abstract, _, init = build(cfg, mesh)
         return model, tx, abstract, init(jax.random.key(0))
 
 

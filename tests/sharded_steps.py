@@ -1,0 +1,55 @@
+"""Train a few steps of a tiny model on a given mesh; run as a script on 8 simulated CPU devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py OUT.npz DATA_DIR d,f,t ...
+
+For each mesh (data,fsdp,tensor) it saves the losses, final parameters and per-device shard bytes, which
+tests/test_sharding.py compares against the same function run on one device.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from gpt import sharding
+from gpt.config import Config, parse_args, resolve, validate
+from gpt.trainer import Batches, build, make_train_step
+
+TINY = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--batch_size=8", "--vocab_size=256"]
+N_STEPS = 3
+
+
+def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
+    cfg = parse_args(Config(), [*TINY, f"--data_dir={data_dir}", "--mesh_data={}".format(mesh_sizes[0]),
+                                f"--mesh_fsdp={mesh_sizes[1]}", f"--mesh_tensor={mesh_sizes[2]}"])
+    validate(cfg)
+    cfg = resolve(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.activate(mesh):
+        model, tx, abstract, shardings, init = build(cfg, mesh)
+        state = init(jax.random.key(0))
+        step = jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+        batches = Batches(cfg, f"{data_dir}/shakespeare-byte", mesh)
+        losses = []
+        for s in range(N_STEPS):
+            state, metrics = step(state, batches.train(s))
+            losses.append(float(metrics["loss"]))
+    params = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+    specs = {jax.tree_util.keystr(p): list(x.sharding.spec)
+             for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    return losses, params, shard_bytes, specs
+
+
+if __name__ == "__main__":
+    import json
+
+    out, data_dir, meshes = sys.argv[1], sys.argv[2], sys.argv[3:]
+    result = {}
+    for m in meshes:
+        losses, params, shard_bytes, specs = run_steps(data_dir, tuple(int(v) for v in m.split(",")))
+        result[m] = {"losses": losses, "shard_bytes": shard_bytes, "specs": specs}
+        np.savez(f"{out}.{m.replace(',', '_')}.npz", **params)
+    with open(out, "w") as fh:
+        json.dump(result, fh)
