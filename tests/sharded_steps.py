@@ -1,6 +1,7 @@
 """Train a few steps of a tiny model on a given mesh; run as a script on 8 simulated CPU devices.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py OUT.npz DATA_DIR d,f,t ...
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py OUT.json DATA_DIR d,f,t ...
+    XLA_FLAGS=...                                       python tests/sharded_steps.py restore OUT.npz RUN_DIR d,f,t
 
 For each mesh (data,fsdp,tensor) it saves the losses, final parameters and per-device shard bytes, which
 tests/test_sharding.py compares against the same function run on one device.
@@ -42,9 +43,21 @@ def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
     return losses, params, shard_bytes, specs
 
 
+def restored_params(out_dir: str, mesh_sizes: tuple[int, int, int]) -> dict:
+    """The latest checkpoint's parameters restored onto the given mesh, as numpy arrays by path."""
+    from gpt.config import MeshConfig
+    from gpt.sampling import load_checkpoint
+
+    _, params, _, _ = load_checkpoint(out_dir, -1, MeshConfig(*mesh_sizes))
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 if __name__ == "__main__":
     import json
 
+    if sys.argv[1] == "restore":  # restore OUT.npz RUN_DIR d,f,t
+        np.savez(sys.argv[2], **restored_params(sys.argv[3], tuple(int(v) for v in sys.argv[4].split(","))))
+        sys.exit(0)
     out, data_dir, meshes = sys.argv[1], sys.argv[2], sys.argv[3:]
     result = {}
     for m in meshes:

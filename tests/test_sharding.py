@@ -11,7 +11,7 @@ import pytest
 from gpt import sharding
 from gpt.config import ConfigError, MeshConfig
 from tests.conftest import REPO
-from tests.sharded_steps import run_steps
+from tests.sharded_steps import restored_params, run_steps
 
 MESHES = ["8,1,1", "1,8,1", "2,1,4", "2,2,2"]  # data=8, fsdp=8, tensor=4 x data=2, all three
 
@@ -78,6 +78,14 @@ def test_checkpoint_saved_on_fsdp_restores_on_other_meshes(cli, data_dir, tmp_pa
             "--mesh_data=1", "--mesh_fsdp=8", devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'fsdp': 8" in r.stdout
+    # The values restored on one device (here) equal those restored on data=2 x tensor=4 (8 devices).
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_steps.py"), "restore", str(tmp_path / "p.npz"),
+                        str(out), "2,1,4"], env=eight_devices_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    on_mesh, on_one = dict(np.load(tmp_path / "p.npz")), restored_params(str(out), (1, 1, 1))
+    assert on_mesh.keys() == on_one.keys()
+    for name in on_one:
+        np.testing.assert_array_equal(on_mesh[name], on_one[name], err_msg=name)
     greedy = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=16", "--num_samples=1", "--json=True"]
     single = cli("sample.py", f"--out_dir={out}", *greedy)
     tensor = cli("sample.py", f"--out_dir={out}", *greedy, "--mesh_data=2", "--mesh_tensor=4", devices=8)
