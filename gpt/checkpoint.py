@@ -10,9 +10,12 @@ Restores land straight in the target sharding given by the abstract (ShapeDtypeS
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def checkpoint_dir(out_dir: str) -> Path:
@@ -21,7 +24,7 @@ def checkpoint_dir(out_dir: str) -> Path:
 
 def make_manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only
-               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
 
 
@@ -48,6 +51,7 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_params, a
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    broken = []
     for i, s in enumerate(steps):
         try:
             out = manager.restore(s, args=ocp.args.Composite(**items))
@@ -56,5 +60,22 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_params, a
                 raise
             print(f"warning: checkpoint {s} in {manager.directory} does not restore "
                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying step {steps[i + 1]}", file=sys.stderr)
+            broken.append(s)
             continue
+        _set_aside(manager, broken)
         return s, out["params"], out.get("opt_state"), out["meta"]
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Rename damaged checkpoints to <step>.broken-<time> (kept for inspection, never deleted), so the
+    resumed run can save those steps again."""
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        for s in steps:
+            src = Path(manager.directory) / str(s)
+            dst = src.with_name(f"{s}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            src.rename(dst)
+            print(f"warning: moved the damaged checkpoint to {dst}", file=sys.stderr)
+    multihost_utils.sync_global_devices("checkpoint set aside")
+    manager.reload()

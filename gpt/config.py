@@ -93,6 +93,8 @@ class TrainConfig:
     log_interval: int = opt(10, "log a train row every N steps")
     checkpoint_interval: int = opt(0, "save every N steps; 0 = eval_interval")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    checkpoint_minutes: float = opt(0.0, "also save when this many minutes passed since the last save; 0 = off")
+    skip_nonfinite: bool = opt(False, "skip (and count) batches with a non-finite loss instead of stopping")
     seed: int = opt(1337, "seed for initialisation, data order and dropout")
     peak_flops: float = opt(0.0, "per-device peak FLOP/s for MFU; 0 = known GPU/TPU peak or a measured CPU matmul")
 
@@ -269,7 +271,8 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(o, key) < 1.0:
             raise ConfigError(f"{key}={getattr(o, key)}: must be in [0, 1)")
-    for key, value in {"weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "peak_flops": t.peak_flops}.items():
+    for key, value in {"weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "peak_flops": t.peak_flops,
+                       "checkpoint_minutes": t.checkpoint_minutes}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if o.warmup_iters < -1 or o.lr_decay_iters < -1 or t.checkpoint_interval < 0:

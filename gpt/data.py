@@ -109,6 +109,28 @@ def load_meta(directory: Path) -> dict:
     return json.loads((Path(directory) / "meta.json").read_text())
 
 
+def validate(directory: Path, tokenizer: str, block_size: int) -> dict:
+    """Check a prepared corpus against the run before anything compiles; returns its meta."""
+    meta = load_meta(directory)
+    if meta["tokenizer"] != tokenizer:
+        raise ConfigError(f"{directory} was tokenized with {meta['tokenizer']}, but tokenizer={tokenizer}")
+    dtype = np.dtype(meta["dtype"])
+    for split in ("train", "val"):
+        path = Path(directory) / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else 0
+        if size % dtype.itemsize or size // dtype.itemsize != meta[f"{split}_tokens"]:
+            raise ConfigError(f"{path} holds {size} bytes, not the {meta[f'{split}_tokens']} {dtype.name} tokens "
+                              "its meta.json describes: prepare the corpus again")
+        if meta[f"{split}_tokens"] <= block_size:
+            raise ConfigError(f"block_size={block_size} is not smaller than the {split} split "
+                              f"({meta[f'{split}_tokens']} tokens of {directory})")
+        top = int(np.max(load_split(directory, split)))
+        if top >= meta["vocab_size"]:
+            raise ConfigError(f"{path} holds token id {top}, outside the {tokenizer} vocabulary of "
+                              f"{meta['vocab_size']}: the file is corrupt or from another tokenizer")
+    return meta
+
+
 def load_split(directory: Path, split: str) -> np.ndarray:
     meta = load_meta(directory)
     return np.memmap(Path(directory) / f"{split}.bin", dtype=meta["dtype"], mode="r")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from gpt import checkpoint, data, sharding
 from gpt.config import Config, ConfigError, parse_args, read_args, resolve, validate
@@ -65,7 +64,13 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config):
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        loss, grad_norm = losses.mean(), optax.tree.norm(grads)
+        # A non-finite loss or gradient never reaches the parameters: that step's update is dropped, and the
+        # host decides (from `finite`) whether to stop the run or count the skipped batch.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -175,6 +180,18 @@ class StopFlag:
             signal.signal(s, handler)
 
 
+def _control(step: int, stop: StopFlag, last_save: float, t) -> tuple[bool, bool]:
+    """(stop now, a time-based save is due), agreed by every process. One process decides at every step;
+    several exchange their flags at log steps (the same steps everywhere), so they all save the same step."""
+    flags = np.array([stop.signal is not None,
+                      t.checkpoint_minutes > 0 and time.monotonic() - last_save > 60 * t.checkpoint_minutes])
+    if jax.process_count() > 1:
+        if step % t.log_interval:
+            return False, False
+        flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
+    return bool(flags[0]), bool(flags[1])
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -230,18 +247,11 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     dataset_dir = data.prepare(cfg.data, quiet=jax.process_index() != 0)
-    meta = data.load_meta(dataset_dir)
-    if meta["tokenizer"] != cfg.data.tokenizer:
-        raise ConfigError(f"{dataset_dir} was tokenized with {meta['tokenizer']}, but tokenizer={cfg.data.tokenizer}")
+    meta = data.validate(dataset_dir, cfg.data.tokenizer, cfg.model.block_size)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
-    for split in ("train", "val"):
-        if meta[f"{split}_tokens"] <= cfg.model.block_size:
-            raise ConfigError(f"block_size={cfg.model.block_size} is not smaller than the {split} split "
-                              f"({meta[f'{split}_tokens']} tokens of {dataset_dir})")
-
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
     with sharding.activate(mesh):
@@ -302,33 +312,44 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
 
     stop = StopFlag()
     last: dict = {}
+    pending: list = []  # (step, device metrics) since the last log row: fetched together, so steps pipeline
+    skipped = 0
     try:
-        timer, timed_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+        timer, timed_steps, run_start, last_save = time.perf_counter(), 0, time.perf_counter(), time.monotonic()
         for step in range(start_step, t.max_iters):
             if step % t.eval_interval == 0 and (step != start_step or step == 0):
                 last = {"step": step, **evaluate(state.params)}
                 log.row(**last)
                 log.say(f"step {step}: val loss {last['val_loss']:.4f}, train loss {last['train_loss']:.4f}")
-            if step % t.checkpoint_interval == 0 and step != start_step:
+            stop_now, time_due = _control(step, stop, last_save, t)
+            if step != start_step and (step % t.checkpoint_interval == 0 or time_due or stop_now):
                 save(step)
+                last_save = time.monotonic()
+            if stop_now:
+                log.say(f"{stop.signal or 'stop'}: saved checkpoint at step {step}; resume with --init_from=resume")
+                return last
             if step % t.eval_interval == 0 or step % t.checkpoint_interval == 0:
                 timer, timed_steps = time.perf_counter(), 0  # throughput counts training steps only
-            if stop.signal is not None:
-                save(step)
-                log.say(f"{stop.signal}: saved checkpoint at step {step}; resume with --init_from=resume")
-                return last
 
             state, metrics = compiled(state, batches.train(step))
+            pending.append((step, metrics))
             timed_steps += 1
             if step % t.log_interval == 0 or step == t.max_iters - 1:
-                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step to finish
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    raise FloatingPointError(f"non-finite loss {metrics['loss']} or grad_norm {metrics['grad_norm']} "
-                                             f"at step {step}; the last good checkpoint is kept")
+                fetched = jax.device_get(pending)  # waits for the steps to finish
+                pending = []
+                for bad_step, m in fetched:
+                    if not m["finite"]:
+                        if not t.skip_nonfinite:
+                            raise FloatingPointError(
+                                f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
+                                f"{bad_step}; stopped without saving, the last good checkpoint is kept")
+                        skipped += 1
+                        log.say(f"warning: skipped the batch of step {bad_step}: non-finite loss or gradient")
+                metrics = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
                 elapsed = time.perf_counter() - timer
                 tok_s = timed_steps * tokens_per_step / elapsed
                 mfu = timed_steps * flops_per_step / elapsed / peak
-                last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu}
+                last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped}
                 log.row(**last)
                 eta = (t.max_iters - step - 1) * tokens_per_step / tok_s
                 log.say(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "

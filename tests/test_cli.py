@@ -1,6 +1,5 @@
 """The command lines as a user meets them: help, one-line errors with exit code 2, and a full train -> sample."""
 
-import dataclasses
 import json
 
 import pytest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt.config import ConfigError, ModelConfig
-from gpt.model import GPT, init_cache
+from gpt.model import GPT
 from gpt.sampling import Generator, Rules, filter_logits, sample_logits
 from tests.test_model import make
 
