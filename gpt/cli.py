@@ -71,14 +71,14 @@ def _sample(args, prompt: str) -> int:
     import json
     import time
 
-    from gpt.sampling import Generator, Rules, load_checkpoint
+    from gpt.sampling import Generator, Rules, load_model
     from gpt.tokenizer import get_tokenizer
 
     _quiet_orbax()
     s = args.sample
-    model_cfg, params, meta, step = load_checkpoint(s.out_dir, s.step, args.mesh)
-    tok = get_tokenizer(meta["tokenizer"]["tokenizer"])
-    print(f"sampling from {s.out_dir} step {step} ({tok.name} tokenizer)", file=sys.stderr)
+    model_cfg, params, tokenizer, source = load_model(s.init_from, s.out_dir, s.step, args.mesh)
+    tok = get_tokenizer(tokenizer)
+    print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
     prompt_ids = tok.encode(prompt)
     generator = Generator(model_cfg, params, tok.eot_token)
     rules = Rules(s.temperature, s.top_k, s.top_p)

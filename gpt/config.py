@@ -84,7 +84,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = opt("out", "run directory: checkpoints, config.json, metrics.jsonl")
-    init_from: str = opt("scratch", "scratch or resume (latest checkpoint in out_dir)")
+    init_from: str = opt("scratch", "scratch, resume (latest checkpoint in out_dir), or a local HF GPT-2 directory")
     overwrite: bool = opt(False, "allow init_from=scratch into an out_dir that holds checkpoints")
     max_iters: int = opt(800, "optimizer steps to train for")
     eval_interval: int = opt(200, "evaluate every N steps (and at the end)")
@@ -101,6 +101,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    init_from: str = opt("resume", "resume (a checkpoint in out_dir) or a local HF GPT-2 directory")
     out_dir: str = opt("out", "run directory to sample from")
     step: int = opt(-1, "checkpoint step to load; -1 = the latest")
     start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
@@ -264,8 +265,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):
         raise ConfigError(f"tokenizer={d.tokenizer!r}: use byte or gpt2")
-    if t.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from={t.init_from!r}: use scratch or resume")
+    if t.init_from not in ("scratch", "resume") and not Path(t.init_from).is_dir():
+        raise ConfigError(f"init_from={t.init_from!r}: use scratch, resume, or a Hugging Face GPT-2 directory")
     if o.learning_rate <= 0:
         raise ConfigError(f"learning_rate={o.learning_rate}: must be > 0")
     for key in ("beta1", "beta2"):
@@ -304,5 +305,7 @@ def validate_sample(s: SampleConfig) -> None:
         raise ConfigError(f"top_k={s.top_k}: must be >= 0 (0 = no top-k filter)")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"top_p={s.top_p}: must be in (0, 1]")
+    if s.init_from != "resume" and not Path(s.init_from).is_dir():
+        raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
     if s.start == "":
         raise ConfigError("start='': the prompt is empty; give at least one character")

@@ -201,21 +201,34 @@ def prepare_run(cfg: Config, argv: list[str]) -> Config:
     """Resolve the run's config against out_dir: on resume, the saved config is the base the command line
     overrides, and the architecture must match the checkpoint's."""
 
+    validate(cfg)
     out = Path(cfg.train.out_dir)
+    asked = {k for _, values in read_args(argv) for k in values}
     has_checkpoints = checkpoint.checkpoint_dir(cfg.train.out_dir).is_dir() and any(
         p.name.isdigit() for p in checkpoint.checkpoint_dir(cfg.train.out_dir).iterdir())
     if cfg.train.init_from == "resume" or cfg.train.eval_only:
         if not has_checkpoints or not (out / "config.json").is_file():
             raise ConfigError(f"no checkpoint to resume in {out}/checkpoints: train one first with --init_from=scratch")
         saved = Config.from_dict(json.loads((out / "config.json").read_text()))
-        asked = {k for _, values in read_args(argv) for k in values}
         for key, value in dataclasses.asdict(saved.model).items():
             if key in asked and getattr(cfg.model, key) != value:
                 raise ConfigError(f"{out} holds a model with {key}={value}, but {key}={getattr(cfg.model, key)} "
                                   "was asked; use another --out_dir or drop the override")
         cfg = parse_args(saved, argv)  # the saved run is the base; the command line changes the rest
         cfg.train.init_from = "resume"
-    elif has_checkpoints and not cfg.train.overwrite:
+    elif cfg.train.init_from != "scratch":  # fine-tune from a Hugging Face GPT-2 directory
+        from gpt.hf import hf_model_config
+
+        hf = hf_model_config(Path(cfg.train.init_from))
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
+            if key in asked and getattr(cfg.model, key) != getattr(hf, key):
+                raise ConfigError(f"init_from={cfg.train.init_from} is a model with {key}={getattr(hf, key)}, "
+                                  f"but {key}={getattr(cfg.model, key)} was asked")
+            setattr(cfg.model, key, getattr(hf, key))
+        if "tokenizer" in asked and cfg.data.tokenizer != "gpt2":
+            raise ConfigError(f"init_from={cfg.train.init_from} is a GPT-2 model: it needs tokenizer=gpt2")
+        cfg.data.tokenizer = "gpt2"
+    if cfg.train.init_from != "resume" and has_checkpoints and not cfg.train.overwrite:
         raise ConfigError(f"{out} already holds checkpoints: resume with --init_from=resume, "
                           "pick another --out_dir, or pass --overwrite=True to replace them")
     validate(cfg)
@@ -240,7 +253,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = Logger(out)
-    if cfg.train.init_from == "scratch" and cfg.train.overwrite and jax.process_index() == 0:
+    if cfg.train.init_from != "resume" and cfg.train.overwrite and jax.process_index() == 0:
         for old in (checkpoint.checkpoint_dir(cfg.train.out_dir), out / "metrics.jsonl"):
             if old.exists():
                 log.say(f"overwrite=True: removing {old}")
@@ -263,6 +276,13 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
             log.say(f"resumed from {manager.directory}/{step}")
         else:
             state = init(jax.random.key(cfg.train.seed))
+            if cfg.train.init_from != "scratch":
+                from gpt.hf import from_hf
+
+                params = jax.device_put(from_hf(cfg.train.init_from)[1], shardings.params)
+                opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+                state = TrainState(state.step, params, opt_state)
+                log.say(f"initialised from the GPT-2 weights in {cfg.train.init_from}")
         return _loop(cfg, argv or [], mesh, model, tx, state, shardings, manager, dataset_dir, meta, log)
 
 

@@ -8,43 +8,9 @@ import numpy as np
 import pytest
 
 from gpt.config import ModelConfig
+from gpt.hf import to_hf
 from gpt.model import GPT, count_params
-
-
-def numpy_gpt2(p: dict, idx: np.ndarray, n_head: int) -> np.ndarray:
-    """GPT-2's forward pass written out in float64 numpy, straight from the paper's description."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-
-    def layer_norm(x, ln):
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
-
-    def gelu(x):  # tanh approximation, as GPT-2's gelu_new
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-    b, t = idx.shape
-    x = p["wte"]["embedding"][idx] + p["wpe"]["embedding"][np.arange(t)]
-    n_layer = sum(k.startswith("h_") for k in p)
-    for i in range(n_layer):
-        blk = p[f"h_{i}"]
-        h = layer_norm(x, blk["ln_1"])
-        c = h.shape[-1]
-        w = blk["attn"]["c_attn"]["kernel"].reshape(c, 3 * c)  # [C, 3, heads, head_dim] -> HF's [C, 3C]
-        qkv = h @ w + blk["attn"]["c_attn"]["bias"].reshape(3 * c)
-        q, k, v = np.split(qkv, 3, axis=-1)
-        heads = lambda a: a.reshape(b, t, n_head, c // n_head).transpose(0, 2, 1, 3)
-        q, k, v = heads(q), heads(k), heads(v)
-        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c // n_head)
-        att = np.where(np.tril(np.ones((t, t), bool)), att, -np.inf)
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att = att / att.sum(-1, keepdims=True)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, c)
-        x = x + y @ blk["attn"]["c_proj"]["kernel"].reshape(c, c) + blk["attn"]["c_proj"]["bias"]
-        h = layer_norm(x, blk["ln_2"])
-        x = x + gelu(h @ blk["mlp"]["c_fc"]["kernel"] + blk["mlp"]["c_fc"]["bias"]) @ blk["mlp"]["c_proj"]["kernel"] \
-            + blk["mlp"]["c_proj"]["bias"]
-    x = layer_norm(x, p["ln_f"])
-    return x @ p["wte"]["embedding"].T
+from tests.reference import numpy_gpt2
 
 
 def make(cfg: ModelConfig, seed: int = 0, batch: int = 2):
@@ -65,7 +31,7 @@ TINY = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=200
 def test_logits_match_numpy_reference():
     model, params, idx = make(TINY)
     logits, _ = model.apply({"params": params}, idx)
-    reference = numpy_gpt2(params, np.asarray(idx), TINY.n_head)
+    reference = numpy_gpt2(to_hf(TINY, params), np.asarray(idx), TINY.n_head)
     assert logits.shape == (2, 16, 256)  # vocabulary padded to a multiple of 128
     np.testing.assert_allclose(np.asarray(logits[..., :200]), reference[..., :200], rtol=1e-4, atol=1e-4)
 
