@@ -52,22 +52,36 @@ def run_sample(argv: list[str]) -> int:
         return 0
     try:
         args = parse_args(SampleArgs(), argv, allow_preset=False)
-        s = args.sample
-        validate_sample(s)
-        prompt = s.start
-        if prompt.startswith("FILE:"):
-            try:
-                prompt = open(prompt[5:], encoding="utf-8").read()
-            except OSError as e:
-                raise ConfigError(f"start={s.start!r}: cannot read the prompt file ({e.strerror})") from None
-            if not prompt:
-                raise ConfigError(f"start={s.start!r}: the prompt file is empty")
-        return _sample(args, prompt)
+        validate_sample(args.sample)
+        return _sample(args, _read_prompts(args.sample))
     except ConfigError as e:
         return _fail(str(e), 2)
 
 
-def _sample(args, prompt: str) -> int:
+def _read_prompts(s) -> list[str]:
+    import json
+
+    def read(path: str, key: str) -> str:
+        try:
+            return open(path, encoding="utf-8").read()
+        except OSError as e:
+            raise ConfigError(f"{key}={path!r}: cannot read the file ({e.strerror})") from None
+
+    if s.prompts:
+        try:
+            prompts = [json.loads(line) for line in read(s.prompts, "prompts").splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"prompts={s.prompts!r}: line {e.lineno} is not JSON ({e.msg})") from None
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ConfigError(f"prompts={s.prompts!r}: expected one non-empty JSON string per line")
+        return prompts
+    prompt = read(s.start[5:], "start") if s.start.startswith("FILE:") else s.start
+    if not prompt:
+        raise ConfigError(f"start={s.start!r}: the prompt is empty")
+    return [prompt]
+
+
+def _sample(args, prompts: list[str]) -> int:
     import json
     import time
 
@@ -79,19 +93,43 @@ def _sample(args, prompt: str) -> int:
     model_cfg, params, tokenizer, source = load_model(s.init_from, s.out_dir, s.step, args.mesh)
     tok = get_tokenizer(tokenizer)
     print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
-    prompt_ids = tok.encode(prompt)
-    generator = Generator(model_cfg, params, tok.eot_token)
-    rules = Rules(s.temperature, s.top_k, s.top_p)
+    ids = [tok.encode(p) for p in prompts for _ in range(s.num_samples)]
+    texts = [p for p in prompts for _ in range(s.num_samples)]
+    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
+    stop_text = s.stop.replace("\\n", "\n").replace("\\t", "\t")
+
+    def stop(new_ids: list[int]):
+        """The number of tokens that first spell out the stop string, or None."""
+        if not stop_text or stop_text not in tok.decode(new_ids):
+            return None
+        return next(k for k in range(1, len(new_ids) + 1) if stop_text in tok.decode(new_ids[:k]))
+
+    stream = len(ids) == 1 and not s.json
+    shown = [0]
+
+    def on_chunk(rows):  # print the text as it grows; hold back a character still being spelled out
+        text = tok.decode(rows[0])
+        stable = len(text.rstrip("\ufffd"))
+        print(text[shown[0]:stable], end="", flush=True)
+        shown[0] = stable
+
+    if stream:
+        print(texts[0], end="", flush=True)
     t0 = time.perf_counter()
-    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - len(prompt_ids), 1)
-    outputs = generator.generate([prompt_ids] * s.num_samples, max_new, rules, s.seed)
+    outputs = Generator(model_cfg, params, tok.eot_token).generate(
+        ids, max_new, Rules(s.temperature, s.top_k, s.top_p), s.seed, stop=stop if stop_text else None,
+        on_chunk=on_chunk if stream else None, sliding_window=s.sliding_window)
     elapsed = time.perf_counter() - t0
     n_new = sum(len(o) for o in outputs)
-    for ids in outputs:
-        text = tok.decode(ids)
+    for prompt, prompt_ids, new_ids in zip(texts, ids, outputs):
+        text = tok.decode(new_ids)
+        if stop_text and stop_text in text:
+            text = text[: text.index(stop_text)]
         if s.json:
-            print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "tokens": ids, "text": text,
+            print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "tokens": new_ids, "text": text,
                               "tokens_per_s": n_new / elapsed}), flush=True)
+        elif stream:
+            print(tok.decode(new_ids)[shown[0]:] if not stop_text else "", "\n" + "-" * 40, flush=True)
         else:
             print(prompt + text, "\n" + "-" * 40, flush=True)
     print(f"{n_new} tokens in {elapsed:.2f}s ({n_new / elapsed:,.0f} tokens/s, compilation included)", file=sys.stderr)

@@ -111,6 +111,9 @@ class SampleConfig:
     top_k: int = opt(0, "keep the k most likely tokens; 0 = all")
     top_p: float = opt(1.0, "nucleus: keep the smallest set with this much probability, in (0, 1]")
     seed: int = opt(1337, "sampling seed")
+    prompts: str = opt("", "a JSON-lines file of prompts (one JSON string per line), sampled as one batch")
+    stop: str = opt("", "end a sample where this string appears (write \\n for a newline)")
+    sliding_window: bool = opt(False, "allow prompt + max_new_tokens beyond block_size, re-reading the last half context")
     json: bool = opt(False, "print one JSON object per sample per line on stdout")
 
 
@@ -307,5 +310,5 @@ def validate_sample(s: SampleConfig) -> None:
         raise ConfigError(f"top_p={s.top_p}: must be in (0, 1]")
     if s.init_from != "resume" and not Path(s.init_from).is_dir():
         raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
-    if s.start == "":
+    if s.start == "" and not s.prompts:
         raise ConfigError("start='': the prompt is empty; give at least one character")

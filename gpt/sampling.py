@@ -58,11 +58,13 @@ class Rules:
 class Generator:
     """Compiled prefill and decode for one model; the compiled functions are reused across calls."""
 
+    CHUNK = 32  # tokens per decode call: between calls the host streams text and checks stop strings
+
     def __init__(self, cfg: ModelConfig, params, eot_token: int | None = None):
         self.cfg, self.params, self.eot = cfg, params, eot_token
         self.model = GPT(cfg)
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len")
-        self._decode = jax.jit(self._decode_fn, static_argnames="max_new_tokens")
+        self._decode = jax.jit(self._decode_fn, static_argnames="steps", donate_argnames="carry")
 
     def _prefill_fn(self, params, tokens, pad, cache_len: int):
         """tokens [B, L] left-padded by pad [B]; returns the logits of the last position and the filled cache."""
@@ -76,11 +78,13 @@ class Generator:
         logits, cache = self.model.apply({"params": params}, tokens, positions, mask[:, None], cache, 0)
         return logits[:, -1], cache
 
-    def _decode_fn(self, params, cache, logits, pad, key, temperature, top_k, top_p, max_new_tokens: int):
-        """Sample max_new_tokens tokens, feeding each back through the cache; rows stop at end-of-text."""
-        b = logits.shape[0]
-        length = cache[0][0].shape[1] - max_new_tokens  # prompt bucket
+    def _decode_fn(self, params, carry, pad, key, temperature, top_k, top_p, steps: int):
+        """Sample up to `steps` more tokens, each fed back through the cache. carry = (t, cache, logits, out,
+        done): out [B, max_new] collects the tokens; a row is done at end-of-text (or when the host says)."""
+        t0, cache = carry[0], carry[1]
+        max_new = carry[3].shape[1]
         slot = jnp.arange(cache[0][0].shape[1])
+        length = slot.shape[0] - max_new  # the prompt bucket
 
         def body(carry):
             t, cache, logits, out, done = carry
@@ -96,34 +100,72 @@ class Generator:
             return t + 1, cache, logits[:, -1], out, done
 
         def cond(carry):
-            return (carry[0] < max_new_tokens) & ~jnp.all(carry[4])
+            return (carry[0] < t0 + steps) & (carry[0] < max_new) & ~jnp.all(carry[4])
 
-        init = (0, cache, logits, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
-        _, _, _, out, done = jax.lax.while_loop(cond, body, init)
-        return out
+        return jax.lax.while_loop(cond, body, carry)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, seed: int) -> list[list[int]]:
-        """New token ids for each prompt (up to and including end-of-text, if the model emits it)."""
-        if any(len(p) == 0 for p in prompts):
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, seed: int,
+                 stop=None, on_chunk=None, sliding_window: bool = False) -> list[list[int]]:
+        """New token ids for each prompt, ending with end-of-text if the model emitted it.
+
+        stop(ids) -> int | None: called on each unfinished row's new tokens after every chunk; a number ends
+        that row, keeping that many tokens (stop strings). on_chunk(rows): the new tokens so far (streaming).
+        sliding_window: let prompt + max_new_tokens exceed block_size by re-reading the last half context.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("a prompt is empty: give at least one token")
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.cfg.block_size:
+        if longest + max_new_tokens <= self.cfg.block_size:
+            return self._generate(prompts, max_new_tokens, rules, jax.random.key(seed), stop, on_chunk)
+        if not sliding_window:
             raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                              f"context of block_size={self.cfg.block_size} tokens")
-        length = min(bucket(longest), self.cfg.block_size)
+                              f"context of block_size={self.cfg.block_size} tokens (or pass --sliding_window=True)")
+        # Sliding window: generate half a context at a time, each round prefilled from the latest tokens.
+        news: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        generated, round_ = 0, 0
+        while generated < max_new_tokens and not all(finished):
+            n = min(self.cfg.block_size // 2, max_new_tokens - generated)
+            contexts = [(p + o)[-(self.cfg.block_size - n):] for p, o in zip(prompts, news)]
+            out = self._generate(contexts, n, rules, jax.random.fold_in(jax.random.key(seed), round_), None, None)
+            for r, ids in enumerate(out):
+                if not finished[r]:
+                    news[r] += ids
+                    cut = stop(news[r]) if stop else None
+                    if cut is not None:
+                        news[r] = news[r][:cut]
+                    finished[r] = cut is not None or len(ids) < n  # a stop string, or end-of-text
+            generated, round_ = generated + n, round_ + 1
+            if on_chunk:
+                on_chunk(news)
+        return news
+
+    def _generate(self, prompts, max_new_tokens, rules: Rules, key, stop, on_chunk) -> list[list[int]]:
+        length = min(bucket(max(len(p) for p in prompts)), self.cfg.block_size)
         tokens = np.zeros((len(prompts), length), np.int32)
         pad = np.array([length - len(p) for p in prompts], np.int32)
         for row, p in enumerate(prompts):
             tokens[row, pad[row]:] = p
         logits, cache = self._prefill(self.params, tokens, pad, cache_len=length + max_new_tokens)
-        out = self._decode(self.params, cache, logits, pad, jax.random.key(seed), jnp.float32(rules.temperature),
-                           jnp.int32(rules.top_k), jnp.float32(rules.top_p), max_new_tokens=max_new_tokens)
-        result = []
-        for row in np.asarray(out).tolist():
-            if self.eot is not None and self.eot in row:
-                row = row[: row.index(self.eot) + 1]
-            result.append(row)
-        return result
+        b = len(prompts)
+        carry = (jnp.int32(0), cache, logits, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
+        sampling = (jnp.float32(rules.temperature), jnp.int32(rules.top_k), jnp.float32(rules.top_p))
+        cut: dict[int, int] = {}
+        while True:
+            carry = self._decode(self.params, carry, pad, key, *sampling, steps=self.CHUNK)
+            t = int(carry[0])
+            rows, done = np.asarray(carry[3][:, :t]).tolist(), np.array(carry[4])
+            for r, ids in enumerate(rows):
+                if self.eot is not None and self.eot in ids and r not in cut:
+                    cut[r] = ids.index(self.eot) + 1
+                elif stop is not None and r not in cut and (n := stop(ids)) is not None:
+                    cut[r], done[r] = n, True
+            rows = [ids[: cut.get(r, t)] for r, ids in enumerate(rows)]
+            if on_chunk:
+                on_chunk(rows)
+            if t >= max_new_tokens or done.all():
+                return rows
+            carry = (*carry[:4], jnp.asarray(done))
 
 
 def _abstract_params(cfg: ModelConfig, mesh):

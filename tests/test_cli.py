@@ -64,7 +64,7 @@ def test_train_cli_errors_are_one_line_exit_2(cli, tmp_path, argv, message):
     (["--top_k=-1"], "top_k=-1: must be >= 0"),
     (["--temperature=-1"], "temperature=-1.0: must be >= 0"),
     (["--start="], "the prompt is empty"),
-    (["--start=FILE:/no/such/file"], "cannot read the prompt file"),
+    (["--start=FILE:/no/such/file"], "cannot read the file"),
     ([], "no checkpoint in"),
 ])
 def test_sample_cli_errors_are_one_line_exit_2(cli, tmp_path, argv, message):
@@ -107,3 +107,19 @@ def test_train_then_sample_end_to_end(cli, data_dir, tmp_path):
 
     r = cli("train.py", f"--out_dir={out}", "--eval_only=True")
     assert r.returncode == 0 and "val loss" in r.stdout
+
+
+@pytest.mark.slow
+def test_sample_batches_prompts_of_different_lengths(cli, data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"ROMEO:"\n"To be, or not to be"\n')
+    r = cli("sample.py", f"--out_dir={out}", f"--prompts={prompts}", "--num_samples=2", "--max_new_tokens=8",
+            "--json=True", "--stop=\\n")
+    assert r.returncode == 0, r.stderr
+    samples = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [s["prompt"] for s in samples] == ["ROMEO:", "ROMEO:", "To be, or not to be", "To be, or not to be"]
+    assert all("\n" not in s["text"] and len(s["tokens"]) <= 8 for s in samples)
+    r = cli("sample.py", f"--out_dir={out}", "--start=hi", "--max_new_tokens=40", "--sliding_window=False")
+    assert r.returncode == 2 and "exceeds the model's context of block_size=32" in r.stderr

@@ -130,3 +130,26 @@ def test_prompt_plus_new_tokens_beyond_context_is_an_error(model_params):
     _, params = model_params
     with pytest.raises(ConfigError, match="block_size=64"):
         Generator(CFG, params).generate([[1] * 60], 10, Rules(), seed=0)
+
+
+def test_stop_callback_ends_rows_and_streaming_sees_growth(model_params):
+    _, params = model_params
+    gen = Generator(CFG, params)
+    full = gen.generate([[5, 17, 42], [1, 2]], 40, Rules(0.0), seed=0)
+    seen = []
+    # Stop row 0 once it holds 3 tokens (as a stop string would); row 1 runs on.
+    out = gen.generate([[5, 17, 42], [1, 2]], 40, Rules(0.0), seed=0,
+                       stop=lambda ids: 3 if ids[:3] == full[0][:3] and len(ids) >= 3 else None,
+                       on_chunk=lambda rows: seen.append([len(r) for r in rows]))
+    assert out[0] == full[0][:3] and out[1] == full[1]
+    assert seen[0][1] == Generator.CHUNK and seen[-1] == [3, 40]  # chunks of 32, then the rest
+
+
+def test_sliding_window_goes_past_the_context(model_params):
+    _, params = model_params
+    gen = Generator(CFG, params)
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    out = gen.generate(prompt, 100, Rules(0.0), seed=0, sliding_window=True)[0]
+    assert len(out) == 100  # 8 + 100 tokens > block_size 64
+    # The first round (half a context) is ordinary greedy decoding of the prompt.
+    assert out[:32] == gen.generate(prompt, 32, Rules(0.0), seed=0)[0]
