@@ -88,7 +88,10 @@ def _sample(args, prompts: list[str]) -> int:
     from gpt.sampling import Generator, Rules, load_model
     from gpt.tokenizer import get_tokenizer
 
+    from gpt.sharding import initialize_distributed
+
     _quiet_orbax()
+    initialize_distributed(args.mesh)
     s = args.sample
     model_cfg, params, tokenizer, source = load_model(s.init_from, s.out_dir, s.step, args.mesh)
     tok = get_tokenizer(tokenizer)

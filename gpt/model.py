@@ -8,7 +8,7 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", ..
 them to mesh axes, so no layer here knows how it is sharded. Parameters are float32; `dtype` sets the
 compute precision of the matmuls.
 
-Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, cache_len, heads, head_dim], passed
+Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, heads, cache_len, head_dim], passed
 in and returned, so the decode loop stays a pure function under jit.
 """
 
@@ -57,6 +57,16 @@ class Dense(nn.Module):
         return y
 
 
+def cached_attention(q, k, v, mask):
+    """Attention of q [B, T, heads, hd] over a cache k, v [B, heads, S, hd] where mask [B, 1, T, S] allows.
+
+    The cache is stored heads-major so these two matmuls read it in place: with the [B, S, heads, hd] layout
+    XLA transposed the whole cache on every decoded token."""
+    scores = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bnts,bnsh->btnh", probs.astype(q.dtype), v.astype(q.dtype))
+
+
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
@@ -67,12 +77,13 @@ class CausalSelfAttention(nn.Module):
         # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
         qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is not None:  # write this chunk's keys/values at cache_index, attend over the whole cache
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
+        if cache is None:  # training: fused attention (cuDNN flash attention on GPUs, XLA elsewhere)
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        else:  # decoding: write this chunk's keys/values at cache_index, attend over the whole cache
+            k, v = (jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                    for c, x in zip(cache, (k, v)))
             cache = (k, v)
-        # Fused attention: cuDNN flash attention on GPUs, XLA elsewhere.
-        y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, is_causal=mask is None)
+            y = cached_attention(q, k, v, mask)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=residual_std, n_in=2, name="c_proj")(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
@@ -135,7 +146,8 @@ class GPT(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-    shape = (batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    """Per layer (k, v), each [batch, heads, length, head_dim]."""
+    shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
     return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
 
 

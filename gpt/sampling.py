@@ -39,9 +39,15 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 
 def sample_logits(logits, key, temperature, top_k, top_p):
-    """Next tokens [B] from logits [B, V]."""
-    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
-    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled)
+    """Next tokens [B] from logits [B, V]. The branches (lax.cond) skip the vocabulary sort when neither
+    top-k nor top-p is asked for, and all sampling when decoding greedily."""
+
+    def sample(logits):
+        filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),
+                                lambda l: l / jnp.maximum(temperature, 1e-6), logits)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)
 
 
 def bucket(length: int) -> int:
@@ -83,7 +89,7 @@ class Generator:
         done): out [B, max_new] collects the tokens; a row is done at end-of-text (or when the host says)."""
         t0, cache = carry[0], carry[1]
         max_new = carry[3].shape[1]
-        slot = jnp.arange(cache[0][0].shape[1])
+        slot = jnp.arange(cache[0][0].shape[2])
         length = slot.shape[0] - max_new  # the prompt bucket
 
         def body(carry):

@@ -1,0 +1,73 @@
+"""Decoding speed: prefill tokens/s, first-token latency, decode tokens/s at batch 1 and 8. Prints JSON.
+
+    python bench/decode.py [--model=tiny|gpt2_124m] [--prompt_len=64] [--new_tokens=128] [--repeats=3]
+
+Weights are random (speed does not depend on their values); the shapes are the named model's.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt.config import ModelConfig
+from gpt.model import GPT
+from gpt.sampling import Generator, Rules, bucket
+
+MODELS = {
+    "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=256),
+    "gpt2_124m": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+}
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="gpt2_124m")
+    ap.add_argument("--prompt_len", type=int, default=64)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    a = ap.parse_args()
+    cfg = ModelConfig(**{**MODELS[a.model].__dict__, "dtype": a.dtype})
+    params = jax.jit(lambda k: GPT(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    gen = Generator(cfg, params)
+    rules = Rules(temperature=0.8, top_k=0, top_p=1.0)
+    result = {"bench": "decode", "model": a.model, "dtype": a.dtype, "device": jax.devices()[0].device_kind,
+              "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
+    rng = np.random.default_rng(0)
+    for batch in (1, 8):
+        prompts = rng.integers(0, cfg.vocab_size, (batch, a.prompt_len)).tolist()
+        length = bucket(a.prompt_len)
+        tokens = np.zeros((batch, length), np.int32)
+        tokens[:, length - a.prompt_len:] = prompts
+        pad = np.full((batch,), length - a.prompt_len, np.int32)
+        prefill = lambda: gen._prefill(params, tokens, pad, cache_len=length + a.new_tokens)
+        generate = lambda: gen.generate(prompts, a.new_tokens, rules, seed=0)
+        generate()  # compile both
+        t_prefill = best_time(prefill, a.repeats)
+        t_first = best_time(lambda: gen.generate(prompts, 1, rules, seed=0), a.repeats)
+        t_total = best_time(generate, a.repeats)
+        result[f"batch{batch}"] = {
+            "prefill_tokens_per_s": batch * a.prompt_len / t_prefill,
+            "first_token_latency_ms": 1e3 * t_first,
+            "decode_tokens_per_s": batch * (a.new_tokens - 1) / (t_total - t_first),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

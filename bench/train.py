@@ -1,0 +1,63 @@
+"""Training speed and memory: tokens/s, MFU, step time and per-device bytes of a train step. Prints JSON.
+
+    python bench/train.py [preset] [--key=value ...] [--steps=10]      # any train.py preset and keys
+
+Runs `steps` optimizer steps on synthetic token batches (speed does not depend on the data) with the
+exact compiled step train.py uses, on the mesh the mesh keys describe.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gpt import sharding
+from gpt.config import Config, parse_args, resolve, validate
+from gpt.model import count_params, flops_per_token
+from gpt.trainer import build, make_train_step, peak_flops
+
+
+def main(argv: list[str]) -> None:
+    steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 10)
+    cfg = parse_args(Config(), [a for a in argv if not a.startswith("--steps=")])
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = 256 if cfg.data.tokenizer == "byte" else 50257
+    validate(cfg)
+    cfg = resolve(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.activate(mesh):
+        model, tx, abstract, shardings, init = build(cfg, mesh)
+        state = init(jax.random.key(0))
+        shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
+        tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
+        batch = jax.device_put((tokens, tokens), sharding.batch_sharding(mesh, leading=1))
+        step = jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = compiled(state, batch)  # warm-up
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - t0) / steps
+    n_params = count_params(state.params)
+    tokens_per_step = cfg.data.batch_size * cfg.optim.gradient_accumulation_steps * cfg.model.block_size
+    memory = compiled.memory_analysis()
+    state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    print(json.dumps({
+        "bench": "train", "argv": argv, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "mesh": dict(mesh.shape), "n_params": n_params, "tokens_per_step": tokens_per_step,
+        "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s,
+        "mfu": flops_per_token(cfg.model, n_params) * tokens_per_step / step_s / peak_flops(cfg),
+        "state_bytes_per_device": state_bytes,
+        "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
