@@ -36,8 +36,8 @@ def run_train(argv: list[str]) -> int:
         return _fail(str(e), 2)
     except FloatingPointError as e:
         return _fail(str(e), 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted twice: stopped without saving; resume from the last checkpoint", 130)
+    except KeyboardInterrupt:  # before training started (while preparing data or compiling)
+        return _fail("interrupted before training started", 130)
     return 0
 
 

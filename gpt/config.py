@@ -40,7 +40,16 @@ class ModelConfig:
     vocab_size: int = opt(0, "tokenizer vocabulary; 0 = take it from the tokenizer (padded to 128 in the model)")
     dropout: float = opt(0.0, "dropout rate in [0, 1)")
     bias: bool = opt(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
-    dtype: str = opt("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+    dtype: str = opt("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16; "
+                             "parameters stay float32")
+
+    @property
+    def compute_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -262,8 +271,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be a positive integer")
     if m.n_embd % m.n_head:
         raise ConfigError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype={m.dtype!r}: use float32 or bfloat16")
+    if m.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype={m.dtype!r}: use auto, float32 or bfloat16")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):

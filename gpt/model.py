@@ -51,9 +51,9 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _init(self.std, self.axes), (*x.shape[-self.n_in:], *self.features))
-        y = jnp.tensordot(x.astype(self.cfg.dtype), kernel.astype(self.cfg.dtype), axes=self.n_in)
+        y = jnp.tensordot(x.astype(self.cfg.compute_dtype), kernel.astype(self.cfg.compute_dtype), axes=self.n_in)
         if self.cfg.bias:
-            y = y + self.param("bias", _zeros(self.axes[self.n_in:]), self.features).astype(self.cfg.dtype)
+            y = y + self.param("bias", _zeros(self.axes[self.n_in:]), self.features).astype(self.cfg.compute_dtype)
         return y
 
 
@@ -127,9 +127,9 @@ class GPT(nn.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(idx.shape[1]), idx.shape)
-        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype, name="wte",
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.compute_dtype, name="wte",
                        embedding_init=_init(0.02, ("vocab", "embed")))
-        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, name="wpe",
+        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype, name="wpe",
                        embedding_init=_init(0.02, ("pos", "embed")))
         x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -139,7 +139,7 @@ class GPT(nn.Module):
                 x, mask, None if cache is None else cache[i], cache_index, deterministic)
             new_cache.append(layer_cache)
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = wte.attend(x.astype(cfg.dtype)).astype(jnp.float32)  # LM head tied to the token embedding
+        logits = wte.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)  # LM head tied to the token embedding
         # Padding rows of the vocabulary are never predicted: the loss and the samplers see the true vocabulary.
         logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
         return logits, (tuple(new_cache) if cache is not None else None)
@@ -148,7 +148,7 @@ class GPT(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
     """Per layer (k, v), each [batch, heads, length, head_dim]."""
     shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
-    return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
+    return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)) for _ in range(cfg.n_layer))
 
 
 def count_params(params) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -172,7 +173,11 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # At once means at once: no unwinding through orbax's save threads. A half-written checkpoint
+            # stays a temporary directory, which the next run ignores and cleans up.
+            print("error: interrupted twice: stopped without saving; resume from the last checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
         self.signal = signal.Signals(signum).name
 
     def restore(self):
@@ -265,6 +270,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
+    cfg.model.dtype = cfg.model.compute_dtype  # the saved config records what ran
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
     with sharding.activate(mesh):
@@ -305,7 +311,9 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
     ckpt_meta = {"config": cfg.to_dict(), "tokenizer": meta, "dataset_dir": str(dataset_dir)}
 
     def save(step: int) -> None:
-        checkpoint.save(manager, step, state.params, state.opt_state, {**ckpt_meta, "step": step})
+        # The data position and RNG are (seed, step): batches and dropout keys derive from them alone.
+        position = {"seed": t.seed, "next_step": step}
+        checkpoint.save(manager, step, state.params, state.opt_state, {**ckpt_meta, "step": step, "data": position})
 
     log.say(f"model: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | {jax.device_count()} "
             f"{jax.devices()[0].platform} device(s) | {tokens_per_step:,} tokens/step")

@@ -157,3 +157,23 @@ def test_batch_not_divisible_over_the_mesh(cli, data_dir, tmp_path):
     assert r.returncode == 2 and "batch_size=12 does not split over data x fsdp = 8 devices" in r.stderr
     r = cli("train.py", *TINY, "--mesh_fsdp=3", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", devices=8)
     assert r.returncode == 2 and "does not divide the 8 devices" in r.stderr
+
+
+@pytest.mark.slow
+def test_second_sigint_stops_at_once_and_time_based_saves(data_dir, tmp_path):
+    out = tmp_path / "run"
+    # --checkpoint_minutes tiny: a save is due at every step, whatever checkpoint_interval says.
+    args = [*RUN, f"--data_dir={data_dir}", f"--out_dir={out}", "--checkpoint_interval=1000",
+            "--checkpoint_minutes=0.0001", "--max_iters=100000", "--eval_interval=100000"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step     20"):
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # two signals sent back to back are merged into one by the OS
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted twice" in stderr and "Traceback" not in stderr
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 3 and steps[-1] >= 18  # time-based saves kept coming, 3 kept (keep_checkpoints)

@@ -107,4 +107,5 @@ def test_metrics_rows(data_dir, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["vocab_size"] == 256 and saved["warmup_iters"] == 0 and saved["lr_decay_iters"] == 8
+    assert saved["dtype"] == "float32"  # auto resolves to float32 on a CPU
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
