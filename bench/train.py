@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from gpt import sharding
 from gpt.config import Config, parse_args, resolve, validate
 from gpt.model import count_params, flops_per_token
-from gpt.trainer import build, make_train_step, peak_flops
+from gpt.trainer import build, jit_train_step, peak_flops
 
 
 def main(argv: list[str]) -> None:
@@ -33,8 +33,7 @@ def main(argv: list[str]) -> None:
         shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
         tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
         batch = jax.device_put((tokens, tokens), sharding.batch_sharding(mesh, leading=1))
-        step = jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
+        step = jit_train_step(model, tx, cfg, shardings)
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -77,6 +77,12 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config):
     return train_step
 
 
+def jit_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config, shardings):
+    """The train step compiled for the state's shardings, the state donated (updated in place)."""
+    return jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
 def make_eval_step(model: GPT):
     def eval_step(params, batch):
         return loss_fn(params, model, batch[0], batch[1], None, deterministic=True)
@@ -333,9 +339,7 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
             device_kind=jax.devices()[0].device_kind, peak_flops=peak)
 
     t0 = time.perf_counter()
-    train_step = jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
-                         out_shardings=(shardings, None), donate_argnums=0)
-    compiled = train_step.lower(state, batches.train(start_step)).compile()  # ahead of time: fails before step 0
+    compiled = jit_train_step(model, tx, cfg, shardings).lower(state, batches.train(start_step)).compile()  # ahead of time: fails before step 0
     log.say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
     stop = StopFlag()
@@ -377,7 +381,8 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
                 elapsed = time.perf_counter() - timer
                 tok_s = timed_steps * tokens_per_step / elapsed
                 mfu = timed_steps * flops_per_step / elapsed / peak
-                last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped}
+                last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu if mfu == mfu else None,
+                        "skipped_batches": skipped}  # mfu is None (not NaN) when the peak is unknown
                 log.row(**last)
                 eta = (t.max_iters - step - 1) * tokens_per_step / tok_s
                 log.say(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "

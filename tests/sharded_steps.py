@@ -14,7 +14,7 @@ import numpy as np
 
 from gpt import sharding
 from gpt.config import Config, parse_args, resolve, validate
-from gpt.trainer import Batches, build, make_train_step
+from gpt.trainer import Batches, build, jit_train_step
 
 TINY = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--batch_size=8", "--vocab_size=256"]
 N_STEPS = 3
@@ -29,8 +29,7 @@ def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)
         state = init(jax.random.key(0))
-        step = jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
+        step = jit_train_step(model, tx, cfg, shardings)
         batches = Batches(cfg, f"{data_dir}/shakespeare-byte", mesh)
         losses = []
         for s in range(N_STEPS):
