@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -52,18 +53,19 @@ def _shakespeare() -> list[tuple[str, str]]:
 BUILTIN_CORPORA = {"shakespeare": _shakespeare}
 
 
-def _read_documents(dataset: str) -> list[tuple[str, str]]:
+def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
+    """(number of documents, an iterator over (name, text)): files are read one at a time."""
     if dataset in BUILTIN_CORPORA:
-        return BUILTIN_CORPORA[dataset]()
+        docs = BUILTIN_CORPORA[dataset]()
+        return len(docs), iter(docs)
     path = Path(dataset)
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
         raise ConfigError(f"dataset={dataset!r}: not a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
                           "nor a .txt file or a directory holding .txt files")
-    docs = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files]
-    if not any(text.strip() for _, text in docs):
+    if all(f.stat().st_size == 0 for f in files):
         raise ConfigError(f"dataset={dataset!r}: the corpus is empty")
-    return docs
+    return len(files), ((f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files)
 
 
 def dataset_dir(data: DataConfig) -> Path:
@@ -76,30 +78,38 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
     out = dataset_dir(data)
     if (out / "meta.json").is_file():
         return out
-    docs = _read_documents(data.dataset)
+    n_docs, docs = _read_documents(data.dataset)
     tok = get_tokenizer(data.tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    ids: list[int] = []
-    for _, text in tqdm(docs, desc=f"tokenizing {data.dataset} ({data.tokenizer})", unit="doc", disable=quiet):
-        ids.extend(tok.encode(text))
-        if tok.eot_token is not None:
-            ids.append(tok.eot_token)  # documents separated as in GPT-2's training data
-    tokens = np.asarray(ids, dtype=dtype)
-    n_val = max(1, int(len(tokens) * VAL_FRACTION))
-    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": data.dataset,
-            "documents": len(docs), "train_tokens": int(len(tokens) - n_val), "val_tokens": int(n_val)}
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokens[:-n_val].tofile(tmp / "train.bin")
-        tokens[-n_val:].tofile(tmp / "val.bin")
+        # Stream every document's tokens to one file (memory stays one document deep), then move the last
+        # VAL_FRACTION of the tokens to val.bin and cut them off train.bin.
+        n_tokens, has_text = 0, False
+        with open(tmp / "train.bin", "wb") as fh:
+            for _, text in tqdm(docs, total=n_docs, desc=f"tokenizing {data.dataset} ({data.tokenizer})",
+                                unit="doc", disable=quiet):
+                # GPT-2's training data ends every document with <|endoftext|>; bytes have no such token.
+                ids = tok.encode(text) + ([] if tok.eot_token is None else [tok.eot_token])
+                np.asarray(ids, dtype).tofile(fh)
+                n_tokens, has_text = n_tokens + len(ids), has_text or bool(text.strip())
+        if not has_text:
+            raise ConfigError(f"dataset={data.dataset!r}: the corpus is empty")
+        n_val = max(1, int(n_tokens * VAL_FRACTION))
+        with open(tmp / "train.bin", "rb") as src, open(tmp / "val.bin", "wb") as dst:
+            src.seek((n_tokens - n_val) * dtype.itemsize)
+            shutil.copyfileobj(src, dst)
+        os.truncate(tmp / "train.bin", (n_tokens - n_val) * dtype.itemsize)
+        meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": data.dataset,
+                "documents": n_docs, "train_tokens": n_tokens - n_val, "val_tokens": n_val}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(tmp, out)  # atomic: readers see either no corpus or a whole one
-    except OSError:
+    except (OSError, ConfigError):
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "meta.json").is_file():  # another process may have won the race; that is fine
             raise
+        meta = load_meta(out)
     if not quiet:
         print(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
     return out
