@@ -86,9 +86,8 @@ def _sample(args, prompts: list[str]) -> int:
     import time
 
     from gpt.sampling import Generator, Rules, load_model
-    from gpt.tokenizer import get_tokenizer
-
     from gpt.sharding import initialize_distributed
+    from gpt.tokenizer import get_tokenizer
 
     _quiet_orbax()
     initialize_distributed(args.mesh)
@@ -107,11 +106,15 @@ def _sample(args, prompts: list[str]) -> int:
             return None
         return next(k for k in range(1, len(new_ids) + 1) if stop_text in tok.decode(new_ids[:k]))
 
+    def visible(new_ids: list[int]) -> str:
+        text = tok.decode(new_ids)
+        return text[: text.index(stop_text)] if stop_text and stop_text in text else text
+
     stream = len(ids) == 1 and not s.json
     shown = [0]
 
     def on_chunk(rows):  # print the text as it grows; hold back a character still being spelled out
-        text = tok.decode(rows[0])
+        text = visible(rows[0])
         stable = len(text.rstrip("\ufffd"))
         print(text[shown[0]:stable], end="", flush=True)
         shown[0] = stable
@@ -125,14 +128,12 @@ def _sample(args, prompts: list[str]) -> int:
     elapsed = time.perf_counter() - t0
     n_new = sum(len(o) for o in outputs)
     for prompt, prompt_ids, new_ids in zip(texts, ids, outputs):
-        text = tok.decode(new_ids)
-        if stop_text and stop_text in text:
-            text = text[: text.index(stop_text)]
+        text = visible(new_ids)
         if s.json:
             print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "tokens": new_ids, "text": text,
                               "tokens_per_s": n_new / elapsed}), flush=True)
         elif stream:
-            print(tok.decode(new_ids)[shown[0]:] if not stop_text else "", "\n" + "-" * 40, flush=True)
+            print(text[shown[0]:], "\n" + "-" * 40, flush=True)
         else:
             print(prompt + text, "\n" + "-" * 40, flush=True)
     print(f"{n_new} tokens in {elapsed:.2f}s ({n_new / elapsed:,.0f} tokens/s, compilation included)", file=sys.stderr)
