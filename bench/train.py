@@ -14,18 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from gpt import sharding
-from gpt.config import Config, parse_args, resolve, validate
+from gpt.config import load_config
 from gpt.model import count_params, flops_per_token
 from gpt.trainer import build, jit_train_step, peak_flops
 
 
 def main(argv: list[str]) -> None:
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 10)
-    cfg = parse_args(Config(), [a for a in argv if not a.startswith("--steps=")])
+    cfg = load_config([a for a in argv if not a.startswith("--steps=")])
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 256 if cfg.data.tokenizer == "byte" else 50257
-    validate(cfg)
-    cfg = resolve(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)

@@ -306,6 +306,13 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+def load_config(argv: list[str]) -> Config:
+    """`[preset] --key=value ...` -> a validated Config with its automatic values resolved."""
+    cfg = parse_args(Config(), argv)
+    validate(cfg)
+    return resolve(cfg)
+
+
 def validate_sample(s: SampleConfig) -> None:
     if s.num_samples < 1:
         raise ConfigError(f"num_samples={s.num_samples}: must be >= 1")

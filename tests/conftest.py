@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from gpt.config import Config, parse_args, resolve, validate  # noqa: E402
+from gpt.config import Config, load_config  # noqa: E402
 from gpt.data import prepare  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=8",
@@ -35,9 +35,7 @@ def tiny_cfg(data_dir, tmp_path):
     """A 2-layer, 32-wide byte model config writing into a fresh out_dir: make(...overrides) builds one."""
 
     def make(*overrides: str) -> Config:
-        cfg = parse_args(Config(), [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", *overrides])
-        validate(cfg)
-        cfg = resolve(cfg)
+        cfg = load_config([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", *overrides])
         cfg.model.vocab_size = 256
         return cfg
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from gpt import sharding
-from gpt.config import Config, parse_args, resolve, validate
+from gpt.config import load_config
 from gpt.trainer import Batches, build, jit_train_step
 
 TINY = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--batch_size=8", "--vocab_size=256"]
@@ -21,10 +21,8 @@ N_STEPS = 3
 
 
 def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
-    cfg = parse_args(Config(), [*TINY, f"--data_dir={data_dir}", "--mesh_data={}".format(mesh_sizes[0]),
-                                f"--mesh_fsdp={mesh_sizes[1]}", f"--mesh_tensor={mesh_sizes[2]}"])
-    validate(cfg)
-    cfg = resolve(cfg)
+    cfg = load_config([*TINY, f"--data_dir={data_dir}", f"--mesh_data={mesh_sizes[0]}",
+                       f"--mesh_fsdp={mesh_sizes[1]}", f"--mesh_tensor={mesh_sizes[2]}"])
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)
