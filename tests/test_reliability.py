@@ -170,10 +170,13 @@ def test_second_sigint_stops_at_once_and_time_based_saves(data_dir, tmp_path):
     for line in proc.stdout:
         if line.startswith("step     20"):
             break
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # two signals sent back to back are merged into one by the OS
-    proc.send_signal(signal.SIGINT)
+    # Ctrl-C pressed repeatedly, 0.1 s apart (signals sent back to back are merged into one by the OS).
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted twice" in stderr and "Traceback" not in stderr
+    assert proc.returncode == 130 and "interrupted twice" in stderr and "Traceback" not in stderr, stderr[-2000:]
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(steps) == 3 and steps[-1] >= 18  # time-based saves kept coming, 3 kept (keep_checkpoints)
+    # Time-based saves kept coming (checkpoint_interval alone would have saved none); old ones are pruned
+    # to keep_checkpoints=3, or 4 if the exit came between a save and the pruning of the oldest.
+    assert len(steps) in (3, 4) and steps[-1] >= 18, steps
