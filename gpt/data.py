@@ -86,7 +86,7 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
     try:
         # Stream every document's tokens to one file (memory stays one document deep), then move the last
         # VAL_FRACTION of the tokens to val.bin and cut them off train.bin.
-        n_tokens, has_text = 0, False
+        n_tokens, has_text, max_token = 0, False, 0
         with open(tmp / "train.bin", "wb") as fh:
             for _, text in tqdm(docs, total=n_docs, desc=f"tokenizing {data.dataset} ({data.tokenizer})",
                                 unit="doc", disable=quiet):
@@ -94,6 +94,7 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
                 ids = tok.encode(text) + ([] if tok.eot_token is None else [tok.eot_token])
                 np.asarray(ids, dtype).tofile(fh)
                 n_tokens, has_text = n_tokens + len(ids), has_text or bool(text.strip())
+                max_token = max(max_token, max(ids, default=0))
         if not has_text:
             raise ConfigError(f"dataset={data.dataset!r}: the corpus is empty")
         n_val = max(1, int(n_tokens * VAL_FRACTION))
@@ -102,7 +103,7 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
             shutil.copyfileobj(src, dst)
         os.truncate(tmp / "train.bin", (n_tokens - n_val) * dtype.itemsize)
         meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": data.dataset,
-                "documents": n_docs, "train_tokens": n_tokens - n_val, "val_tokens": n_val}
+                "documents": n_docs, "train_tokens": n_tokens - n_val, "val_tokens": n_val, "max_token": max_token}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(tmp, out)  # atomic: readers see either no corpus or a whole one
     except (OSError, ConfigError):
@@ -134,7 +135,8 @@ def validate(directory: Path, tokenizer: str, block_size: int) -> dict:
         if meta[f"{split}_tokens"] <= block_size:
             raise ConfigError(f"block_size={block_size} is not smaller than the {split} split "
                               f"({meta[f'{split}_tokens']} tokens of {directory})")
-        top = int(np.max(load_split(directory, split)))
+        # meta.json written by prepare() records the largest id; files made elsewhere are scanned once per run.
+        top = meta["max_token"] if "max_token" in meta else int(np.max(load_split(directory, split)))
         if top >= meta["vocab_size"]:
             raise ConfigError(f"{path} holds token id {top}, outside the {tokenizer} vocabulary of "
                               f"{meta['vocab_size']}: the file is corrupt or from another tokenizer")
