@@ -1,6 +1,6 @@
-"""Decoding speed: prefill tokens/s, first-token latency, decode tokens/s at batch 1 and 8. Prints JSON.
+"""Decoding speed: prefill tokens/s, first-token latency, decode tokens/s per batch size. Prints JSON.
 
-    python bench/decode.py [--model=tiny|gpt2_124m] [--prompt_len=64] [--new_tokens=128] [--repeats=3]
+    python bench/decode.py [--model=tiny|gpt2_124m] [--prompt_len=64] [--new_tokens=128] [--repeats=3] [--batches=1,8]
 
 Weights are random (speed does not depend on their values); the shapes are the named model's.
 """
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     a = ap.parse_args()
     cfg = ModelConfig(**{**MODELS[a.model].__dict__, "dtype": a.dtype})
     params = jax.jit(lambda k: GPT(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
@@ -49,7 +50,7 @@ def main():
     result = {"bench": "decode", "model": a.model, "dtype": a.dtype, "device": jax.devices()[0].device_kind,
               "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
     rng = np.random.default_rng(0)
-    for batch in (1, 8):
+    for batch in map(int, a.batches.split(",")):
         prompts = rng.integers(0, cfg.vocab_size, (batch, a.prompt_len)).tolist()
         length = bucket(a.prompt_len)
         tokens = np.zeros((batch, length), np.int32)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from gpt import sharding
 from gpt.config import load_config
-from gpt.model import count_params, flops_per_token
-from gpt.trainer import build, jit_train_step, peak_flops
+from gpt.model import attention_backend, count_params, flops_per_token
+from gpt.trainer import build, jit_train_step, peak_flops, peak_memory
 
 
 def main(argv: list[str]) -> None:
@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
         "mesh": dict(mesh.shape), "n_params": n_params, "tokens_per_step": tokens_per_step,
         "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s,
         "mfu": flops_per_token(cfg.model, n_params) * tokens_per_step / step_s / peak_flops(cfg),
-        "state_bytes_per_device": state_bytes,
+        "attention": attention_backend(cfg.model), "dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
+        "jax": jax.__version__, "state_bytes_per_device": state_bytes, "peak_memory_bytes": peak_memory(),
         "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
     }))
 

@@ -138,3 +138,13 @@ def _sample(args, prompts: list[str]) -> int:
             print(prompt + text, "\n" + "-" * 40, flush=True)
     print(f"{n_new} tokens in {elapsed:.2f}s ({n_new / elapsed:,.0f} tokens/s, compilation included)", file=sys.stderr)
     return 0
+
+
+def train_main() -> None:
+    """The `gpt-train` console command."""
+    sys.exit(run_train(sys.argv[1:]))
+
+
+def sample_main() -> None:
+    """The `gpt-sample` console command."""
+    sys.exit(run_sample(sys.argv[1:]))

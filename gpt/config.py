@@ -42,6 +42,10 @@ class ModelConfig:
     bias: bool = opt(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
     dtype: str = opt("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16; "
                              "parameters stay float32")
+    attention: str = opt("auto", "training attention kernel: auto (cuDNN flash attention on NVIDIA GPUs in bf16, "
+                                 "XLA otherwise), xla, or cudnn")
+    remat: str = opt("none", "recompute block activations in the backward pass: none, full, dots_saveable, "
+                             "dots_with_no_batch_dims_saveable, minimal (keep attention output and MLP input)")
 
     @property
     def compute_dtype(self) -> str:
@@ -273,6 +277,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
     if m.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype={m.dtype!r}: use auto, float32 or bfloat16")
+    if m.attention not in ("auto", "xla", "cudnn"):
+        raise ConfigError(f"attention={m.attention!r}: use auto, xla or cudnn")
+    remats = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
+    if m.remat not in remats:
+        raise ConfigError(f"remat={m.remat!r}: use {', '.join(remats)}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):

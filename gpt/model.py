@@ -8,6 +8,11 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", ..
 them to mesh axes, so no layer here knows how it is sharded. Parameters are float32; `dtype` sets the
 compute precision of the matmuls.
 
+Attention in training runs through `jax.nn.dot_product_attention` with the kernel `attention_backend`
+picks: cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16), XLA's attention (which materialises the
+[batch, heads, T, T] scores) everywhere else. `remat` recomputes each block's activations in the backward
+pass instead of keeping them, by one of `REMAT_POLICIES`.
+
 Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, heads, cache_len, head_dim], passed
 in and returned, so the decode loop stays a pure function under jit.
 """
@@ -18,8 +23,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from gpt.config import ModelConfig
+from gpt.config import ConfigError, ModelConfig
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
 
@@ -57,6 +63,44 @@ class Dense(nn.Module):
         return y
 
 
+def _cuda_capability() -> float:
+    """The first device's CUDA compute capability (9.0 on an H100); 0 for anything that is not a CUDA GPU."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+    except ValueError:  # not a CUDA version number (ROCm's "gfx90a")
+        return 0.0
+
+
+def attention_backend(cfg: ModelConfig) -> str:
+    """The kernel that runs training attention for cfg on this JAX backend: "cudnn" or "xla".
+
+    `auto` takes cuDNN flash attention where it can run (an NVIDIA GPU of sm80+, bf16/fp16, head_dim a multiple of 8
+    up to 128: the shapes jax's cuDNN path accepts on every cuDNN 9 version) and XLA otherwise."""
+    head_dim = cfg.n_embd // cfg.n_head
+    reasons = []
+    if _cuda_capability() < 8.0:
+        reasons.append(f"it needs an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Hopper, ...) and this "
+                       f"is {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    if cfg.compute_dtype not in ("bfloat16", "float16"):
+        reasons.append(f"it needs dtype bfloat16 and the compute dtype is {cfg.compute_dtype}")
+    if head_dim % 8 or head_dim > 128:
+        reasons.append(f"it needs head_dim (n_embd / n_head) a multiple of 8 up to 128, not {head_dim}")
+    if cfg.attention == "cudnn" and reasons:
+        raise ConfigError(f"attention=cudnn cannot run here: {'; '.join(reasons)}; use attention=auto or xla")
+    if cfg.attention == "auto":
+        return "xla" if reasons else "cudnn"
+    return cfg.attention
+
+
+# Which activations a rematerialised block keeps for the backward pass (the rest it recomputes).
+REMAT_POLICIES = {
+    "full": None,  # keep only the block's input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_in"),  # MaxText's "minimal"
+}
+
+
 def cached_attention(q, k, v, mask):
     """Attention of q [B, T, heads, hd] over a cache k, v [B, heads, S, hd] where mask [B, 1, T, S] allows.
 
@@ -77,8 +121,9 @@ class CausalSelfAttention(nn.Module):
         # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
         qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is None:  # training: fused attention (cuDNN flash attention on GPUs, XLA elsewhere)
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        if cache is None:  # training and evaluation: causal attention by the kernel attention_backend picks
+            backend = attention_backend(cfg) if mask is None else "xla"
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=backend)
         else:  # decoding: write this chunk's keys/values at cache_index, attend over the whole cache
             k, v = (jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
                     for c, x in zip(cache, (k, v)))
@@ -109,8 +154,8 @@ class Block(nn.Module):
     def __call__(self, x, mask, cache, cache_index, deterministic):
         y, cache = CausalSelfAttention(self.cfg, name="attn")(
             _layer_norm(self.cfg, "ln_1")(x), mask, cache, cache_index, deterministic)
-        x = x + y
-        x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
+        x = x + checkpoint_name(y, "attn_out")
+        x = x + MLP(self.cfg, name="mlp")(checkpoint_name(_layer_norm(self.cfg, "ln_2")(x), "mlp_in"), deterministic)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), cache
 
 
@@ -133,9 +178,12 @@ class GPT(nn.Module):
                        embedding_init=_init(0.02, ("pos", "embed")))
         x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        block = Block
+        if cfg.remat != "none":  # deterministic (argument 5, counting self) is a Python bool: static
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5,))
         new_cache = []
         for i in range(cfg.n_layer):
-            x, layer_cache = Block(cfg, name=f"h_{i}")(
+            x, layer_cache = block(cfg, name=f"h_{i}")(
                 x, mask, None if cache is None else cache[i], cache_index, deterministic)
             new_cache.append(layer_cache)
         x = _layer_norm(cfg, "ln_f")(x)

@@ -1,7 +1,12 @@
 """The optimizer: gradient clipping then AdamW, weight decay on matrices only, warmup + cosine schedule.
 
-Gradient accumulation happens inside the train step (gpt/trainer.py), so no accumulation state ever
-outlives a step and a checkpoint between steps is always complete.
+The optax chain stops short of the learning rate: it returns the AdamW direction (Adam's normalised moment
+plus the decoupled weight decay), and the train step scales it by -lr_schedule(step) with the step it also
+logs. So the logged learning rate is the applied one, also after a skipped (non-finite) batch, whose update
+and moment changes are dropped while the step, which picks the data, moves on.
+
+Gradient accumulation happens inside the train step, so no accumulation state ever outlives a step and a
+checkpoint between steps is always complete.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ def decay_mask(params):
 
 
 def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
+    """Clipping, then optax.adamw's chain without its last link (the learning rate): the update direction,
+    to be scaled by -lr_schedule(o)(step); see apply_updates."""
     clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    return optax.chain(*clip, optax.adamw(lr_schedule(o), b1=o.beta1, b2=o.beta2,
-                                          weight_decay=o.weight_decay, mask=decay_mask))
+    return optax.chain(*clip, optax.scale_by_adam(b1=o.beta1, b2=o.beta2),
+                       optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
+
+
+def apply_updates(params, direction, lr):
+    """params - lr * direction: AdamW's step (weight decay included, scaled by the learning rate as optax's
+    and torch.optim.AdamW's decoupled decay is)."""
+    return jax.tree.map(lambda p, d: p - lr * d.astype(p.dtype), params, direction)

@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 
 from gpt import checkpoint, data, sharding
 from gpt.config import Config, ConfigError, parse_args, read_args, resolve, validate
-from gpt.model import GPT, count_params, flops_per_token
-from gpt.optim import lr_schedule, make_optimizer
+from gpt.model import GPT, attention_backend, count_params, flops_per_token
+from gpt.optim import apply_updates, lr_schedule, make_optimizer
 
 
 @flax.struct.dataclass
@@ -63,15 +63,16 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config):
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, losses = jax.lax.scan(micro_step, zeros, (*batch, jnp.arange(n_micro)))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = schedule(state.step)
+        params = apply_updates(state.params, direction, lr)
         loss, grad_norm = losses.mean(), optax.tree.norm(grads)
         # A non-finite loss or gradient never reaches the parameters: that step's update is dropped, and the
         # host decides (from `finite`) whether to stop the run or count the skipped batch.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -138,6 +139,13 @@ def peak_flops(cfg: Config) -> float:
         matmul(a).block_until_ready()
     # CPU "devices" share the host's cores, so one host measurement covers all of a process's devices.
     return 10 * 2 * size**3 / (time.perf_counter() - t0) * jax.process_count()
+
+
+def peak_memory() -> int | None:
+    """Peak bytes allocated on this process's first device since start (None where the backend keeps no
+    count, as on CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def code_version() -> str:
@@ -277,6 +285,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
     cfg.model.dtype = cfg.model.compute_dtype  # the saved config records what ran
+    attention_backend(cfg.model)  # attention=cudnn where it cannot run: one line now, not a trace at compile
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
     with sharding.activate(mesh):
@@ -321,8 +330,9 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
         position = {"seed": t.seed, "next_step": step}
         checkpoint.save(manager, step, state.params, state.opt_state, {**ckpt_meta, "step": step, "data": position})
 
+    attention = attention_backend(cfg.model)
     log.say(f"model: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | {jax.device_count()} "
-            f"{jax.devices()[0].platform} device(s) | {tokens_per_step:,} tokens/step")
+            f"{jax.devices()[0].platform} device(s) | {tokens_per_step:,} tokens/step | attention {attention}")
     if t.eval_only:
         row = {"step": start_step, **evaluate(state.params)}
         log.row(**row)
@@ -336,7 +346,8 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
         (Path(t.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log.row(event="start", time=time.strftime("%Y-%m-%dT%H:%M:%S"), argv=[sys.argv[0], *argv], code=code_version(),
             config=cfg.to_dict(), start_step=start_step, n_params=n_params, devices=jax.device_count(),
-            device_kind=jax.devices()[0].device_kind, peak_flops=peak)
+            device_kind=jax.devices()[0].device_kind, peak_flops=peak, attention=attention,
+            jax_version=jax.__version__)
 
     t0 = time.perf_counter()
     compiled = jit_train_step(model, tx, cfg, shardings).lower(state, batches.train(start_step)).compile()  # ahead of time: fails before step 0
@@ -382,7 +393,7 @@ def _loop(cfg, argv, mesh, model, tx, state, shardings, manager, dataset_dir, me
                 tok_s = timed_steps * tokens_per_step / elapsed
                 mfu = timed_steps * flops_per_step / elapsed / peak
                 last = {"step": step, **metrics, "tokens_per_s": tok_s, "mfu": mfu if mfu == mfu else None,
-                        "skipped_batches": skipped}  # mfu is None (not NaN) when the peak is unknown
+                        "skipped_batches": skipped, "peak_memory_bytes": peak_memory()}  # mfu None: peak unknown
                 log.row(**last)
                 eta = (t.max_iters - step - 1) * tokens_per_step / tok_s
                 log.say(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "

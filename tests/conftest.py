@@ -1,5 +1,9 @@
 """Shared fixtures: a persistent XLA compilation cache (set before JAX is imported, inherited by the
-subprocesses the CLI tests start), the built-in corpus prepared once, and a tiny byte-level config."""
+subprocesses the CLI tests start), the built-in corpus prepared once, and a tiny byte-level config.
+
+The suite runs on the CPU unless JAX_PLATFORMS says otherwise: `JAX_PLATFORMS=cuda python -m pytest -q`
+runs it on a GPU (dtype auto is then bfloat16). Tests of sharding over several simulated devices, and of
+several processes, always run on the CPU: that is where a machine has eight devices to spare."""
 
 import os
 import subprocess
@@ -18,6 +22,13 @@ from gpt.data import prepare  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=8",
         "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3"]
+
+
+def simulated_devices_env(devices: int) -> dict:
+    """The environment for a subprocess on `devices` simulated CPU devices (a user's XLA_FLAGS kept)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +57,9 @@ def tiny_cfg(data_dir, tmp_path):
 def cli():
     """cli("train.py", "--key=value", ...) runs a CLI in a subprocess (under a timeout) and returns the result."""
 
-    def run(script: str, *args: str, timeout: int = 600, devices: int = 1) -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        if devices > 1:  # simulated CPU devices; appended so a user's XLA_FLAGS survive
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    def run(script: str, *args: str, timeout: int = 600, devices: int | None = None) -> subprocess.CompletedProcess:
+        """devices=None: the suite's platform (JAX_PLATFORMS); a number: that many simulated CPU devices."""
+        env = dict(os.environ) if devices is None else simulated_devices_env(devices)
         return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
                               timeout=timeout, cwd=REPO, env=env)
 

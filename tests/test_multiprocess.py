@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, simulated_devices_env
 
 
 def free_port() -> int:
@@ -26,13 +26,13 @@ def losses(out_dir) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one(cli, data_dir, tmp_path):
     common = [*TINY, f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3"]
-    r = cli("train.py", *common, f"--out_dir={tmp_path / 'one'}")
+    r = cli("train.py", *common, f"--out_dir={tmp_path / 'one'}", devices=1)
     assert r.returncode == 0, r.stderr
 
     address = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, f"--out_dir={tmp_path / 'two'}",
                                f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              cwd=REPO, env=simulated_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:

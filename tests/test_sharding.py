@@ -4,40 +4,39 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpt import sharding
 from gpt.config import ConfigError, MeshConfig
-from tests.conftest import REPO
-from tests.sharded_steps import restored_params, run_steps
+from tests.conftest import REPO, simulated_devices_env
+from tests.sharded_steps import restored_params
 
 MESHES = ["8,1,1", "1,8,1", "2,1,4", "2,2,2"]  # data=8, fsdp=8, tensor=4 x data=2, all three
-
-
-def eight_devices_env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    return env
 
 
 @pytest.fixture(scope="module")
 def sharded(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "result.json"
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_steps.py"), str(out), str(data_dir), *MESHES],
-                       env=eight_devices_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(out.read_text())
-    for m in MESHES:
-        result[m]["params"] = dict(np.load(f"{out}.{m.replace(',', '_')}.npz"))
+    # The single-device reference runs on one CPU device in a process of its own, so both sides run on the
+    # same platform whatever JAX_PLATFORMS the suite runs on.
+    for meshes, devices in ((MESHES, 8), (["1,1,1"], 1)):
+        r = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_steps.py"), f"{out}.{devices}", str(data_dir),
+                            *meshes], env=simulated_devices_env(devices), capture_output=True, text=True, timeout=900,
+                           cwd=REPO)
+        assert r.returncode == 0, r.stderr[-3000:]
+    result = {**json.loads(Path(f"{out}.8").read_text()), **json.loads(Path(f"{out}.1").read_text())}
+    for m in [*MESHES, "1,1,1"]:
+        result[m]["params"] = dict(np.load(f"{out}.{8 if m in MESHES else 1}.{m.replace(',', '_')}.npz"))
     return result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
-def test_sharded_steps_equal_single_device(sharded, data_dir, mesh):
-    losses, params, _, _ = run_steps(str(data_dir), (1, 1, 1))
+def test_sharded_steps_equal_single_device(sharded, mesh):
+    losses, params = sharded["1,1,1"]["losses"], sharded["1,1,1"]["params"]
     # float32 sums reordered across devices differ in the last bits; after 3 Adam steps of lr 2e-3 the
     # parameters agree to ~1e-6, so 1e-5 is tight enough to catch any wrong sharding (those are O(1e-3)).
     np.testing.assert_allclose(sharded[mesh]["losses"], losses, rtol=1e-5)
@@ -80,14 +79,14 @@ def test_checkpoint_saved_on_fsdp_restores_on_other_meshes(cli, data_dir, tmp_pa
     assert "'fsdp': 8" in r.stdout
     # The values restored on one device (here) equal those restored on data=2 x tensor=4 (8 devices).
     r = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_steps.py"), "restore", str(tmp_path / "p.npz"),
-                        str(out), "2,1,4"], env=eight_devices_env(), capture_output=True, text=True, timeout=300)
+                        str(out), "2,1,4"], env=simulated_devices_env(8), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     on_mesh, on_one = dict(np.load(tmp_path / "p.npz")), restored_params(str(out), (1, 1, 1))
     assert on_mesh.keys() == on_one.keys()
     for name in on_one:
         np.testing.assert_array_equal(on_mesh[name], on_one[name], err_msg=name)
     greedy = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=16", "--num_samples=1", "--json=True"]
-    single = cli("sample.py", f"--out_dir={out}", *greedy)
+    single = cli("sample.py", f"--out_dir={out}", *greedy, devices=1)
     tensor = cli("sample.py", f"--out_dir={out}", *greedy, "--mesh_data=2", "--mesh_tensor=4", devices=8)
     assert single.returncode == 0 and tensor.returncode == 0, single.stderr + tensor.stderr
     a, b = json.loads(single.stdout), json.loads(tensor.stdout)
