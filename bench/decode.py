@@ -9,12 +9,12 @@ import argparse
 import json
 import time
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gpt.config import ModelConfig
-from gpt.model import GPT
+from gpt.model import init_params
 from gpt.sampling import Generator, Rules, bucket
 
 MODELS = {
@@ -42,9 +42,7 @@ def main():
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     a = ap.parse_args()
     cfg = ModelConfig(**{**MODELS[a.model].__dict__, "dtype": a.dtype})
-    params = jax.jit(lambda k: GPT(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
     gen = Generator(cfg, params)
     rules = Rules(temperature=0.8, top_k=0, top_p=1.0)
     result = {"bench": "decode", "model": a.model, "dtype": a.dtype, "device": jax.devices()[0].device_kind,

@@ -15,15 +15,17 @@ import jax.numpy as jnp
 
 from gpt import sharding
 from gpt.config import load_config
-from gpt.model import attention_backend, count_params, flops_per_token
-from gpt.trainer import build, jit_train_step, peak_flops, peak_memory
+from gpt.metrics import largest_matmul, peak_flops, peak_memory
+from gpt.model import attention_backend, flops_per_token, param_counts
+from gpt.steps import build, jit_train_step
+from gpt.tokenizer import get_tokenizer
 
 
 def main(argv: list[str]) -> None:
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 10)
     cfg = load_config([a for a in argv if not a.startswith("--steps=")])
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = 256 if cfg.data.tokenizer == "byte" else 50257
+        cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)
@@ -42,15 +44,20 @@ def main(argv: list[str]) -> None:
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         step_s = (time.perf_counter() - t0) / steps
-    n_params = count_params(state.params)
+    m = cfg.model
+    counts = param_counts(m, state.params)
+    batch_per_device = cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    peak, peak_source = peak_flops(cfg.train.peak_flops, m.compute_dtype,
+                                   largest_matmul(batch_per_device, m.block_size, m.n_embd, m.padded_vocab_size))
     tokens_per_step = cfg.data.batch_size * cfg.optim.gradient_accumulation_steps * cfg.model.block_size
     memory = compiled.memory_analysis()
     state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     print(json.dumps({
         "bench": "train", "argv": argv, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "mesh": dict(mesh.shape), "n_params": n_params, "tokens_per_step": tokens_per_step,
+        "mesh": dict(mesh.shape), "n_params": counts, "tokens_per_step": tokens_per_step,
         "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_step / step_s,
-        "mfu": flops_per_token(cfg.model, n_params) * tokens_per_step / step_s / peak_flops(cfg),
+        "mfu": flops_per_token(m, counts["matmul"]) * tokens_per_step / step_s / peak, "peak_flops": peak,
+        "peak_flops_source": peak_source,
         "attention": attention_backend(cfg.model), "dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
         "jax": jax.__version__, "state_bytes_per_device": state_bytes, "peak_memory_bytes": peak_memory(),
         "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),

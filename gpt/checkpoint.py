@@ -1,10 +1,11 @@
 """Checkpoints with orbax: out_dir/checkpoints/<step>/{params,opt_state,meta}.
 
 Three items per step, so sampling restores `params` and `meta` without touching the optimizer state.
-`meta` (JSON) holds the step, the resolved flat config and the tokenizer/corpus description: everything
-needed to rebuild the model and its tokenizer from the checkpoint alone. Orbax writes each step into a
-temporary directory and renames it when complete, saves asynchronously, and keeps `keep_checkpoints`.
-Restores land straight in the target sharding given by the abstract (ShapeDtypeStruct) tree.
+`meta` (JSON) holds the step, the resolved flat config, the tokenizer/corpus description and the layouts of
+the parameter and optimizer-state trees: everything needed to rebuild the model and its tokenizer from the
+checkpoint alone, and to refuse (in one line) a checkpoint whose trees this code no longer writes. Orbax
+writes each step into a temporary directory and renames it when complete, saves asynchronously, and keeps
+`keep_checkpoints`. Restores land straight in the target sharding given by the abstract tree.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gpt import sharding
+from gpt.config import Config, ConfigError, MeshConfig, ModelConfig
+from gpt.model import init_params, layout
+from gpt.optim import STATE_LAYOUT
+
 
 def checkpoint_dir(out_dir: str) -> Path:
     return Path(out_dir).resolve() / "checkpoints"
@@ -26,6 +32,25 @@ def make_manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.Ch
     options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only
                else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
+
+
+def layouts(model_cfg: ModelConfig) -> dict:
+    """The tree layouts this code writes for model_cfg, as recorded in every checkpoint's meta."""
+    return {"model_layout": layout(model_cfg), "opt_state_layout": STATE_LAYOUT}
+
+
+def check_layouts(meta: dict, model_cfg: ModelConfig, where: str, with_opt_state: bool) -> None:
+    """Refuse, in one line, a checkpoint whose trees differ from what this code builds. A checkpoint from
+    before layouts were recorded has layout 1 of both (they were introduced with those layouts)."""
+    ours = layouts(model_cfg)
+    theirs = {"model_layout": meta.get("model_layout", {"version": 1}), "opt_state_layout": meta.get("opt_state_layout", 1)}
+    if theirs["model_layout"] != ours["model_layout"]:
+        raise ConfigError(f"{where} holds parameters of model layout {theirs['model_layout']}, but this code builds "
+                          f"{ours['model_layout']}: restore it with the version of this code that wrote it")
+    if with_opt_state and theirs["opt_state_layout"] != ours["opt_state_layout"]:
+        raise ConfigError(f"{where} holds optimizer state of layout {theirs['opt_state_layout']}, but this code "
+                          f"writes layout {ours['opt_state_layout']}, so training cannot resume from it exactly; "
+                          "its parameters still sample, export and fine-tune (init_from after exporting)")
 
 
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
@@ -79,3 +104,28 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
             print(f"warning: moved the damaged checkpoint to {dst}", file=sys.stderr)
     multihost_utils.sync_global_devices("checkpoint set aside")
     manager.reload()
+
+
+def abstract_params(model_cfg: ModelConfig, mesh):
+    """The parameters' shapes (ShapeDtypeStructs carrying their shardings on mesh) and their shardings."""
+    with sharding.activate(mesh):
+        abstract, shardings, _ = sharding.shard_init(lambda key: init_params(model_cfg, key), mesh, jax.random.key(0))
+    return abstract, shardings
+
+
+def load_params(out_dir: str, step: int, mesh_cfg: MeshConfig):
+    """(model config, parameters, meta, step) of a checkpoint in out_dir (step -1: the latest), the parameters
+    only (no optimizer state) and placed straight into their shardings on the mesh mesh_cfg describes."""
+    manager = make_manager(out_dir, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise ConfigError(f"no checkpoint in {checkpoint_dir(out_dir)}: train one with train.py first")
+    if step >= 0 and step not in steps:
+        raise ConfigError(f"step={step}: {out_dir} has checkpoints at steps {sorted(steps)}")
+    meta = read_meta(manager, max(steps) if step < 0 else step)
+    cfg = Config.from_dict(meta["config"])
+    check_layouts(meta, cfg.model, f"{out_dir} step {meta['step']}", with_opt_state=False)
+    abstract, _ = abstract_params(cfg.model, sharding.make_mesh(mesh_cfg))
+    restored_step, params, _, meta = restore(manager, None if step < 0 else step, abstract)
+    manager.close()
+    return cfg.model, params, meta, restored_step

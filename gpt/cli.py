@@ -1,5 +1,6 @@
-"""The command-line entry points behind train.py and sample.py: parse, validate, run, and turn every
-user error into one line on stderr (exit 2 for usage errors) instead of a traceback."""
+"""The command-line entry points (train.py, sample.py, `python -m gpt prepare|export`, gpt-train,
+gpt-sample): parse, validate, run, and turn every user error into one line on stderr (exit 2 for usage
+errors) instead of a traceback. The only module that prints errors or picks exit codes."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def run_train(argv: list[str]) -> int:
         print(help_text(Config(), TRAIN_USAGE))
         return 0
     try:
-        cfg = parse_args(Config(), argv)
-        from gpt import sharding, trainer  # imports JAX: only once the arguments are known to be good
+        parse_args(Config(), argv)  # bad keys fail here, before JAX is imported
+        from gpt import sharding, trainer
 
-        sharding.initialize_distributed(cfg.mesh)
-        cfg = trainer.prepare_run(cfg, argv)
-        trainer.train(cfg, argv)
+        cfg = trainer.prepare_run(argv)
+        sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
+        trainer.train(cfg, [sys.argv[0], *argv])
     except ConfigError as e:
         return _fail(str(e), 2)
     except FloatingPointError as e:
@@ -138,6 +139,67 @@ def _sample(args, prompts: list[str]) -> int:
             print(prompt + text, "\n" + "-" * 40, flush=True)
     print(f"{n_new} tokens in {elapsed:.2f}s ({n_new / elapsed:,.0f} tokens/s, compilation included)", file=sys.stderr)
     return 0
+
+
+PREPARE_USAGE = "usage: python -m gpt prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
+
+
+def run_prepare(argv: list[str]) -> int:
+    from gpt.config import DataConfig
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(DataConfig(), PREPARE_USAGE))
+        return 0
+    try:
+        data = parse_args(DataConfig(), argv, allow_preset=False)
+        if data.tokenizer not in ("byte", "gpt2"):
+            raise ConfigError(f"tokenizer={data.tokenizer!r}: use byte or gpt2")
+        from gpt.data import prepare
+
+        print(prepare(data))
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    return 0
+
+
+EXPORT_USAGE = "usage: python -m gpt export --out_dir=RUN [--step=N] --to=DIR"
+
+
+def run_export(argv: list[str]) -> int:
+    """A checkpoint's parameters as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(EXPORT_USAGE)
+        return 0
+    opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    unknown = set(opts) - {"out_dir", "step", "to"}
+    if unknown or "out_dir" not in opts or "to" not in opts or len(opts) != len(argv):
+        return _fail(f"bad arguments {argv}: {EXPORT_USAGE}", 2)
+    try:
+        from gpt.checkpoint import load_params
+        from gpt.config import MeshConfig
+        from gpt.hf import save_hf
+
+        _quiet_orbax()
+        try:
+            step = int(opts.get("step", -1))
+        except ValueError:
+            raise ConfigError(f"step={opts['step']!r} is not a valid int") from None
+        cfg, params, _, restored = load_params(opts["out_dir"], step, MeshConfig())
+        print(f"wrote step {restored} of {opts['out_dir']} to {save_hf(cfg, params, opts['to'])}")
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    return 0
+
+
+COMMANDS = {"train": run_train, "sample": run_sample, "prepare": run_prepare, "export": run_export}
+
+
+def main(argv: list[str]) -> int:
+    """`python -m gpt COMMAND [--key=value ...]`."""
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m gpt {{{','.join(COMMANDS)}}} [--key=value ...]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
 
 
 def train_main() -> None:

@@ -337,3 +337,10 @@ def validate_sample(s: SampleConfig) -> None:
         raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
     if s.start == "" and not s.prompts:
         raise ConfigError("start='': the prompt is empty; give at least one character")
+
+
+def apply_layers(obj: Any, layers: list[tuple[str, dict[str, Any]]]) -> Any:
+    """Apply layers from read_args (preset first, command line last) to the dataclass obj in place."""
+    for source, values in layers:
+        _apply(obj, values, source)
+    return obj

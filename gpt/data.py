@@ -4,10 +4,11 @@ prepare: text (a built-in corpus, a .txt file, or a directory of them) -> train.
 written into a temporary directory and renamed into place, so an interrupted preparation never leaves a
 half-written corpus behind.
 
-batches: the rows of step s are a pure function of (seed, split, s), so a resumed run, or a run on another
-mesh or process count, sees exactly the batches the uninterrupted single-device run would have seen.
+Batches: the rows of step s are a pure function of (seed, split, s), so a resumed run, or a run on another
+mesh or process count, sees exactly the batches the uninterrupted single-device run would have seen. Each
+process reads only the rows its devices hold.
 
-    python -m gpt.data prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
+    python -m gpt prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gpt.config import ConfigError, DataConfig, help_text, parse_args
+from gpt import sharding
+from gpt.config import Config, ConfigError, DataConfig
 from gpt.tokenizer import get_tokenizer, token_dtype
 
 VAL_FRACTION = 0.1
@@ -143,6 +145,11 @@ def validate(directory: Path, tokenizer: str, block_size: int) -> dict:
     return meta
 
 
+def corpus_identity(meta: dict) -> dict:
+    """What tells one prepared corpus from another: recorded in checkpoints, compared on resume."""
+    return {k: meta.get(k) for k in ("source", "tokenizer", "documents", "train_tokens", "val_tokens")}
+
+
 def load_split(directory: Path, split: str) -> np.ndarray:
     meta = load_meta(directory)
     return np.memmap(Path(directory) / f"{split}.bin", dtype=meta["dtype"], mode="r")
@@ -163,21 +170,28 @@ def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple
     return window[..., :-1], window[..., 1:]
 
 
-def main(argv: list[str]) -> int:
-    usage = "usage: python -m gpt.data prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
-    if not argv or argv[0] in ("-h", "--help") or argv[0] != "prepare":
-        print(help_text(DataConfig(), usage))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        data = parse_args(DataConfig(), argv[1:], allow_preset=False)
-        if data.tokenizer not in ("byte", "gpt2"):
-            raise ConfigError(f"tokenizer={data.tokenizer!r}: use byte or gpt2")
-        print(prepare(data))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+class Batches:
+    """Loads this process's rows of the global batch for any step, straight into a sharded global array."""
 
+    def __init__(self, cfg: Config, dataset_dir: Path, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.splits = {s: load_split(dataset_dir, s) for s in ("train", "val")}
+        self.block = cfg.model.block_size
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    def _load(self, stream: str, step: int, shape: tuple[int, int]):
+        tokens = self.splits["val" if stream == "eval_val" else "train"]
+        offsets = batch_offsets(self.cfg.train.seed, stream, step, shape, len(tokens), self.block)
+        leading = len(shape) - 1
+        global_shape = (*shape, self.block)
+        target = sharding.batch_sharding(self.mesh, leading)
+        rows = sharding.process_rows(target, global_shape, axis=leading)
+        x, y = get_batch(tokens, offsets[..., rows], self.block)
+        return tuple(sharding.global_batch(a, target, global_shape) for a in (x, y))
+
+    def train(self, step: int):
+        """[accumulation_steps, batch_size, block_size] inputs and targets of optimizer step `step`."""
+        return self._load("train", step, (self.cfg.optim.gradient_accumulation_steps, self.cfg.data.batch_size))
+
+    def eval(self, split: str, i: int):
+        """The i-th fixed evaluation batch of split ("train" or "val")."""
+        return self._load(f"eval_{split}", i, (self.cfg.data.batch_size,))

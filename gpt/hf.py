@@ -5,13 +5,12 @@ HF's GPT-2 stores Conv1D weights as [in, out], packs q, k, v along c_attn's outp
 Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). Our parameters differ only in
 shape bookkeeping: q/k/v and heads are separate axes, and the vocabulary is padded to a multiple of 128.
 
-    python -m gpt.hf export --out_dir=RUN [--step=N] --to=DIR     # a checkpoint as an HF directory
+    python -m gpt export --out_dir=RUN [--step=N] --to=DIR     # a checkpoint as an HF directory
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,32 +128,3 @@ def save_hf(cfg: ModelConfig, params, directory: str | Path) -> Path:
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(to_hf(cfg, params), directory / "model.safetensors", metadata={"format": "pt"})
     return directory
-
-
-def main(argv: list[str]) -> int:
-    from gpt.cli import _fail
-
-    usage = "usage: python -m gpt.hf export --out_dir=RUN [--step=N] --to=DIR"
-    if not argv or argv[0] != "export":
-        print(usage, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    opts = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
-    unknown = set(opts) - {"out_dir", "step", "to"}
-    if unknown or "out_dir" not in opts or "to" not in opts or len(opts) != len(argv) - 1:
-        return _fail(f"bad arguments {argv[1:]}: {usage}", 2)
-    try:
-        from gpt.cli import _quiet_orbax
-        from gpt.config import MeshConfig
-        from gpt.sampling import load_checkpoint
-
-        _quiet_orbax()
-        step = int(opts.get("step", -1))
-        cfg, params, _, restored = load_checkpoint(opts["out_dir"], step, MeshConfig())
-        print(f"wrote step {restored} of {opts['out_dir']} to {save_hf(cfg, params, opts['to'])}")
-    except (ConfigError, ValueError) as e:
-        return _fail(str(e), 2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

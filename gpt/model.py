@@ -199,11 +199,35 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
     return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)) for _ in range(cfg.n_layer))
 
 
-def count_params(params) -> int:
-    """Every parameter, the tied LM head counted once (with the embedding)."""
-    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+# The parameter tree's layout. Bump it when a change makes older checkpoints' trees differ (renamed, reshaped
+# or stacked parameters); gpt/checkpoint.py refuses a checkpoint of another layout with one line.
+LAYOUT_VERSION = 1
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N for the matmuls, 12*L*C*T for attention."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+def layout(cfg: ModelConfig) -> dict:
+    """What a checkpoint's parameter tree depends on beyond the shapes in cfg: recorded in its meta."""
+    return {"version": LAYOUT_VERSION}
+
+
+def init_params(cfg: ModelConfig, key):
+    """Fresh parameters for cfg, boxed with their logical axis names: the one place the model is initialised
+    (the trainer shards it, checkpoint restores and the HF loader take its shapes)."""
+    return GPT(cfg).init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"]
+
+
+def param_counts(cfg: ModelConfig, params) -> dict[str, int]:
+    """The parameter counts people mean, by name (the vocabulary's padding rows are never counted):
+    total: every parameter, the tied LM head once;
+    non_embedding: without the token and position embeddings, as Kaplan et al. (2020) count N;
+    matmul: the N of MFU's 6N, the weights used in matrix products: all but the position embedding (the tied
+    token embedding is the LM head's matrix), as nanoGPT's estimate_mfu counts it."""
+    padded = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    total = padded - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    wpe = cfg.block_size * cfg.n_embd
+    return {"total": total, "non_embedding": total - cfg.vocab_size * cfg.n_embd - wpe, "matmul": total - wpe}
+
+
+def flops_per_token(cfg: ModelConfig, n_matmul_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N for the matmuls (N = param_counts' matmul),
+    12*L*C*T for attention's scores and weighted sum."""
+    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

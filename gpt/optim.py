@@ -17,6 +17,10 @@ import optax
 
 from gpt.config import OptimConfig
 
+# The optimizer state's tree layout, recorded in checkpoints (gpt/checkpoint.py). 1: optax.adamw with the
+# schedule inside (a schedule count in the state); 2: the direction only, the schedule read from the step.
+STATE_LAYOUT = 2
+
 
 def lr_schedule(o: OptimConfig):
     """nanoGPT's schedule: linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then flat."""

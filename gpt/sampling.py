@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt import checkpoint, sharding
-from gpt.config import Config, ConfigError, MeshConfig, ModelConfig
+from gpt.config import ConfigError, MeshConfig, ModelConfig
+from gpt.hf import from_hf
 from gpt.model import GPT, init_cache
 
 
@@ -174,37 +175,11 @@ class Generator:
             carry = (*carry[:4], jnp.asarray(done))
 
 
-def _abstract_params(cfg: ModelConfig, mesh):
-    model = GPT(cfg)
-    with sharding.activate(mesh):
-        init = lambda key: model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"]
-        abstract, shardings, _ = sharding.shard_init(init, mesh, jax.random.key(0))
-    return abstract, shardings
-
-
-def load_checkpoint(out_dir: str, step: int, mesh_cfg: MeshConfig):
-    """The model config, parameters (only those: no optimizer state), checkpoint meta and step, with the
-    parameters placed straight into their shardings on the mesh mesh_cfg describes."""
-    manager = checkpoint.make_manager(out_dir, read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-        raise ConfigError(f"no checkpoint in {checkpoint.checkpoint_dir(out_dir)}: train one with train.py first")
-    if step >= 0 and step not in steps:
-        raise ConfigError(f"step={step}: {out_dir} has checkpoints at steps {sorted(steps)}")
-    cfg = Config.from_dict(checkpoint.read_meta(manager, max(steps) if step < 0 else step)["config"])
-    abstract, _ = _abstract_params(cfg.model, sharding.make_mesh(mesh_cfg))
-    restored_step, params, _, meta = checkpoint.restore(manager, None if step < 0 else step, abstract)
-    manager.close()
-    return cfg.model, params, meta, restored_step
-
-
 def load_model(init_from: str, out_dir: str, step: int, mesh_cfg: MeshConfig):
     """(model config, sharded params, tokenizer name, a description) from a checkpoint or an HF directory."""
     if init_from == "resume":
-        cfg, params, meta, restored = load_checkpoint(out_dir, step, mesh_cfg)
+        cfg, params, meta, restored = checkpoint.load_params(out_dir, step, mesh_cfg)
         return cfg, params, meta["tokenizer"]["tokenizer"], f"{out_dir} step {restored}"
-    from gpt.hf import from_hf
-
     cfg, params = from_hf(init_from)
-    _, shardings = _abstract_params(cfg, sharding.make_mesh(mesh_cfg))
+    _, shardings = checkpoint.abstract_params(cfg, sharding.make_mesh(mesh_cfg))
     return cfg, jax.device_put(params, shardings), "gpt2", f"GPT-2 weights in {init_from}"

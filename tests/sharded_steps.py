@@ -14,7 +14,8 @@ import numpy as np
 
 from gpt import sharding
 from gpt.config import load_config
-from gpt.trainer import Batches, build, jit_train_step
+from gpt.data import Batches
+from gpt.steps import build, jit_train_step
 
 TINY = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--batch_size=8", "--vocab_size=256"]
 N_STEPS = 3
@@ -43,9 +44,9 @@ def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
 def restored_params(out_dir: str, mesh_sizes: tuple[int, int, int]) -> dict:
     """The latest checkpoint's parameters restored onto the given mesh, as numpy arrays by path."""
     from gpt.config import MeshConfig
-    from gpt.sampling import load_checkpoint
+    from gpt.checkpoint import load_params
 
-    _, params, _, _ = load_checkpoint(out_dir, -1, MeshConfig(*mesh_sizes))
+    _, params, _, _ = load_params(out_dir, -1, MeshConfig(*mesh_sizes))
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 

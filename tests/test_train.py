@@ -9,7 +9,7 @@ import numpy as np
 from gpt import checkpoint, sharding
 from gpt.cli import run_train
 from gpt.optim import lr_schedule
-from gpt.trainer import build, make_train_step
+from gpt.steps import build, make_train_step
 from tests.conftest import TINY
 
 

@@ -1,0 +1,92 @@
+"""The train state and the pure, jitted train and eval steps.
+
+train_step(state, batch) -> (state, metrics) is compiled once, ahead of time, with the state's shardings
+and the state donated. Gradient accumulation is a lax.scan over micro-batches inside the step. Dropout keys
+derive from (seed, step), as batches do (gpt/data.py), so the state needs no RNG or data cursor beyond its
+step counter, and a resumed run repeats the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt import sharding
+from gpt.config import Config
+from gpt.model import GPT, init_params
+from gpt.optim import apply_updates, lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def loss_fn(params, model: GPT, x, y, dropout_key, deterministic: bool):
+    rngs = {} if deterministic else {"dropout": dropout_key}
+    logits, _ = model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config):
+    schedule = lr_schedule(cfg.optim)
+    deterministic = cfg.model.dropout == 0.0
+
+    def train_step(state: TrainState, batch):
+        """batch: (x, y), each [accumulation_steps, batch_size, block_size] int32."""
+        step_key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+
+        def micro_step(grad_sum, inputs):
+            x, y, i = inputs
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, model, x, y,
+                                                      jax.random.fold_in(step_key, i), deterministic)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        n_micro = batch[0].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(micro_step, zeros, (*batch, jnp.arange(n_micro)))
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = schedule(state.step)
+        params = apply_updates(state.params, direction, lr)
+        loss, grad_norm = losses.mean(), optax.tree.norm(grads)
+        # A non-finite loss or gradient never reaches the parameters: that step's update is dropped, and the
+        # host decides (from `finite`) whether to stop the run or count the skipped batch.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config, shardings):
+    """The train step compiled for the state's shardings, the state donated (updated in place)."""
+    return jax.jit(make_train_step(model, tx, cfg), in_shardings=(shardings, None),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(model: GPT):
+    def eval_step(params, batch):
+        return loss_fn(params, model, batch[0], batch[1], None, deterministic=True)
+    return eval_step
+
+
+def build(cfg: Config, mesh):
+    """The model, the optimizer, and the train state's shapes, shardings and sharded initialiser on mesh
+    (call under sharding.activate(mesh))."""
+    model, tx = GPT(cfg.model), make_optimizer(cfg.optim)
+
+    def init_fn(key):
+        params = init_params(cfg.model, key)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    abstract, shardings, init = sharding.shard_init(init_fn, mesh, jax.random.key(cfg.train.seed))
+    return model, tx, abstract, shardings, init
