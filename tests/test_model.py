@@ -9,7 +9,7 @@ import pytest
 
 from gpt.config import ModelConfig
 from gpt.hf import to_hf
-from gpt.model import GPT, count_params
+from gpt.model import GPT, param_counts
 from tests.reference import numpy_gpt2
 
 
@@ -67,10 +67,13 @@ def test_gpt2_initialisation():
     # Every parameter is named with logical axes, one name per dimension.
     for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names")):
         assert len(leaf.names) == leaf.value.ndim
-    # GPT-2's count: 12*L*C^2 + 13*L*C + 2C (final LN) + (V + T)*C, biases included.
+    # GPT-2's count: 12*L*C^2 + 13*L*C + 2C (final LN) + (V + T)*C, biases included, the padding rows not.
     c, L = cfg.n_embd, cfg.n_layer
-    expected = 12 * L * c * c + 13 * L * c + 2 * c + (cfg.padded_vocab_size + cfg.block_size) * c
-    assert count_params(params) == expected
+    blocks = 12 * L * c * c + 13 * L * c + 2 * c
+    counts = param_counts(cfg, params)
+    assert counts["total"] == blocks + (cfg.vocab_size + cfg.block_size) * c
+    assert counts["non_embedding"] == blocks  # Kaplan et al.'s N
+    assert counts["matmul"] == blocks + cfg.vocab_size * c  # MFU's N: the tied head is a matmul, wpe is not
 
 
 def test_bfloat16_compute_stays_close_to_float32():
