@@ -67,13 +67,22 @@ def _read_prompts(s) -> list[str]:
             return open(path, encoding="utf-8").read()
         except OSError as e:
             raise ConfigError(f"{key}={path!r}: cannot read the file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{key}={path!r}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
 
     if s.prompts:
-        try:
-            prompts = [json.loads(line) for line in read(s.prompts, "prompts").splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"prompts={s.prompts!r}: line {e.lineno} is not JSON ({e.msg})") from None
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        prompts = []
+        for number, line in enumerate(read(s.prompts, "prompts").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"prompts={s.prompts!r}: line {number} is not JSON ({e.msg})") from None
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigError(f"prompts={s.prompts!r}: line {number} is not a non-empty JSON string")
+            prompts.append(prompt)
+        if not prompts:
             raise ConfigError(f"prompts={s.prompts!r}: expected one non-empty JSON string per line")
         return prompts
     prompt = read(s.start[5:], "start") if s.start.startswith("FILE:") else s.start

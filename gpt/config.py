@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets: configs/ in the clone, installed as the package gpt.configs (pyproject.toml), so a wheel has them.
+CONFIGS_DIR = importlib.resources.files("gpt.configs")
 
 
 class ConfigError(ValueError):
@@ -214,34 +217,51 @@ def _apply(obj: Any, values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
         section, f = known[key]
         kind = {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        if raw is BARE:  # only here is the key's type known: a bare boolean means True, anything else needs a value
+            if kind is not bool:
+                raise ConfigError(f"'--{key}' needs a value: it must be written --{key}=VALUE")
+            raw = True
         setattr(section, key, _parse_value(key, raw, kind))
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset is a flat TOML file: a path, or a name in configs/ (`gpt2_124m` -> configs/gpt2_124m.toml)."""
+def load_preset(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset is a flat TOML file: a path, or a name in configs/ (`gpt2_124m` -> configs/gpt2_124m.toml).
+    `base = "other"` (found the same way) starts it from another preset, whose keys its own override.
+    _chain holds the files whose bases led here, to name the culprit of a missing base or a cycle."""
     path = Path(name)
     if not path.is_file():
         path = CONFIGS_DIR / f"{name.removesuffix('.toml')}.toml"
     if not path.is_file():
-        available = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
-        raise ConfigError(f"unknown preset '{name}': use a .toml path or one of {', '.join(available)}")
-    with open(path, "rb") as fh:
-        try:
-            return tomllib.load(fh)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"preset {path}: {e}") from None
+        available = sorted(p.name.removesuffix(".toml") for p in CONFIGS_DIR.iterdir() if p.name.endswith(".toml"))
+        where = f"preset {_chain[-1]}: unknown base" if _chain else "unknown"
+        raise ConfigError(f"{where} preset '{name}': use a .toml path or one of {', '.join(available)}")
+    if str(path) in _chain:
+        raise ConfigError(f"preset {_chain[-1]}: base '{name}' makes a cycle: {' -> '.join([*_chain, str(path)])}")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset {path}: {e}") from None
+    if "base" not in values:
+        return values
+    base = values.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"preset {path}: base={base!r} must be a preset name or a .toml path (a string)")
+    return {**load_preset(base, (*_chain, str(path))), **values}
+
+
+# The value of a bare `--key`: `_apply`, which knows the key's type, makes it True for a boolean or refuses it.
+BARE = object()
 
 
 def read_args(argv: list[str], allow_preset: bool = True) -> list[tuple[str, dict[str, Any]]]:
-    """`[preset] --key=value ...` -> [(source, {key: value})], preset first, command line last."""
+    """`[preset] --key=value ...` -> [(source, {key: value})], preset first, command line last.
+    A bare `--key` has the value BARE."""
     layers: list[tuple[str, dict[str, Any]]] = []
-    overrides: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"'{arg}' must be written --{key}=VALUE")
-            overrides[key] = value
+            overrides[key] = value if eq else BARE
         elif allow_preset and not overrides and not layers:
             layers.append((f"preset {arg}", load_preset(arg)))
         else:
@@ -263,8 +283,17 @@ def help_text(obj: Any, usage: str) -> str:
     return "\n".join(lines)
 
 
+def _check_finite(obj: Any) -> None:
+    """nan and inf parse as floats but mean nothing as a setting: refuse them for every float key."""
+    for key, (section, _) in _fields(obj).items():
+        value = getattr(section, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values before anything compiles. Mesh divisibility is checked in sharding.py."""
+    _check_finite(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     positive = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
                 "batch_size": d.batch_size, "max_iters": t.max_iters, "eval_interval": t.eval_interval,
@@ -299,6 +328,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if o.warmup_iters < -1 or o.lr_decay_iters < -1 or t.checkpoint_interval < 0:
         raise ConfigError("warmup_iters and lr_decay_iters must be >= 0 (or -1 for auto); checkpoint_interval >= 0")
+    # Schedules the user cannot have meant: a floor above the peak, a warmup past the decay horizon.
+    if o.min_lr > o.learning_rate:
+        raise ConfigError(f"min_lr={o.min_lr} is above learning_rate={o.learning_rate}: the schedule would rise")
+    decay_end = o.lr_decay_iters if o.lr_decay_iters >= 0 else t.max_iters
+    if o.warmup_iters > decay_end:
+        raise ConfigError(f"warmup_iters={o.warmup_iters} is beyond the end of the decay (lr_decay_iters="
+                          f"{o.lr_decay_iters}, max_iters={t.max_iters}): the warmup would never finish")
 
 
 def resolve(cfg: Config) -> Config:
@@ -323,6 +359,7 @@ def load_config(argv: list[str]) -> Config:
 
 
 def validate_sample(s: SampleConfig) -> None:
+    _check_finite(s)
     if s.num_samples < 1:
         raise ConfigError(f"num_samples={s.num_samples}: must be >= 1")
     if s.max_new_tokens < 1 and s.max_new_tokens != -1:

@@ -40,8 +40,10 @@ def lr_schedule(o: OptimConfig):
 
 def decay_mask(params):
     """Decay weight matrices and embeddings; never biases or LayerNorm parameters."""
+    # The name is the last dict key of the path: boxed parameters (at init) end in `.value`, not in a key.
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+        lambda path, _: [getattr(k, "key", None) for k in path if hasattr(k, "key")][-1] in ("kernel", "embedding"),
+        params)
 
 
 def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:

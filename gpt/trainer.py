@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from gpt import checkpoint, data, metrics, sharding
 from gpt.config import Config, ConfigError, apply_layers, read_args, resolve, validate
 from gpt.model import attention_backend, flops_per_token, param_counts
+from gpt.runlock import RunLock
 from gpt.steps import TrainState, build, jit_train_step, make_eval_step
 from gpt.tokenizer import get_tokenizer
 
@@ -69,7 +70,20 @@ def prepare_run(argv: list[str]) -> Config:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
     validate(cfg)
+    _check_writable_dir("out_dir", cfg.train.out_dir)
+    if not (data.dataset_dir(cfg.data) / "meta.json").is_file():  # the corpus will be prepared there
+        _check_writable_dir("data_dir", cfg.data.data_dir)
     return resolve(cfg)
+
+
+def _check_writable_dir(key: str, path: str) -> None:
+    """Create the directory if needed; one line if that fails or it cannot be written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path!r}: cannot create that directory ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path!r}: that directory is not writable")
 
 
 class StopFlag:
@@ -105,6 +119,26 @@ def train(cfg: Config, command: list[str] | None = None) -> dict:
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = metrics.Logger(out)
+    lock = RunLock(out) if jax.process_index() == 0 else None
+    refusal = None
+    try:
+        note = lock.acquire() if lock else None
+        if note:
+            log.say(f"warning: {note}")
+    except ConfigError as e:
+        refusal, lock = e, None
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)) and not refusal:
+        refusal = ConfigError(f"process 0 could not take the run lock of {out}: see its error")
+    if refusal:
+        raise refusal
+    try:
+        return _train(cfg, command or sys.argv, out, log)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> dict:
     if cfg.train.init_from != "resume" and cfg.train.overwrite and jax.process_index() == 0:
         for old in (checkpoint.checkpoint_dir(cfg.train.out_dir), out / "metrics.jsonl"):
             if old.exists():
@@ -142,7 +176,7 @@ def train(cfg: Config, command: list[str] | None = None) -> dict:
         run = Run(cfg, mesh, model, tx, shardings, manager, data.Batches(cfg, dataset_dir, mesh), log,
                   {"config": cfg.to_dict(), "tokenizer": corpus, "corpus": data.corpus_identity(corpus),
                    **checkpoint.layouts(cfg.model)})
-        return run.loop(state, command or sys.argv)
+        return run.loop(state, command)
 
 
 class Run:
