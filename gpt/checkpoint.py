@@ -10,6 +10,8 @@ writes each step into a temporary directory and renames it when complete, saves 
 
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,11 +55,48 @@ def check_layouts(meta: dict, model_cfg: ModelConfig, where: str, with_opt_state
                           "its parameters still sample, export and fine-tune (init_from after exporting)")
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, an I/O error); the message is one line."""
+
+
+def _save_error(manager: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
+    """One line saying what failed and what is kept; the failed save's temporary directory removed."""
+    cause, reason = error, None
+    while cause is not None and reason is None:  # orbax wraps the OS error in its own exceptions
+        if isinstance(cause, OSError):
+            reason = f"{cause.strerror or cause} ({errno.errorcode.get(cause.errno, cause.errno)})"
+        cause = cause.__cause__ or cause.__context__
+    reason = reason or f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    try:  # an earlier save may still be in flight: let it finish before cleaning up
+        manager.wait_until_finished()
+    except Exception:  # noqa: BLE001 - that failure is the one being reported, or reported by the next line
+        pass
+    if jax.process_index() == 0:  # nothing is in flight now: every temporary directory is a failed save's
+        for tmp in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    kept = sorted(s for s in (p.name for p in Path(manager.directory).iterdir()) if s.isdigit() and int(s) != step)
+    last = f"step {kept[-1]} (resume from it with --init_from=resume)" if kept else "none"
+    return SaveError(f"could not save checkpoint {step} in {manager.directory}: {reason}; "
+                     f"the last complete checkpoint is {last}")
+
+
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
-    """Start an async save; force=True so saves off orbax's own interval are never skipped."""
-    manager.save(step, force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)))
+    """Start an async save; force=True so saves off orbax's own interval are never skipped. A failure (of
+    this save, or of the previous one that orbax waits for first) raises SaveError."""
+    try:
+        manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; the cause chain holds the OS error
+        raise _save_error(manager, step, e) from e
+
+
+def wait(manager: ocp.CheckpointManager, step: int) -> None:
+    """Wait for the async save of `step` to finish; SaveError if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise _save_error(manager, step, e) from e
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -26,16 +26,16 @@ def run_train(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(Config(), TRAIN_USAGE))
         return 0
-    try:
-        parse_args(Config(), argv)  # bad keys fail here, before JAX is imported
-        from gpt import sharding, trainer
+    from gpt import sharding, trainer
+    from gpt.checkpoint import SaveError
 
-        cfg = trainer.prepare_run(argv)
+    try:
+        cfg = trainer.prepare_run(argv)  # every usage error surfaces here, before a device is touched
         sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
         trainer.train(cfg, [sys.argv[0], *argv])
     except ConfigError as e:
         return _fail(str(e), 2)
-    except FloatingPointError as e:
+    except (FloatingPointError, SaveError) as e:  # the run stopped; what was saved before is intact
         return _fail(str(e), 1)
     except KeyboardInterrupt:  # before training started (while preparing data or compiling)
         return _fail("interrupted before training started", 130)

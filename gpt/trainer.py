@@ -191,6 +191,7 @@ class Run:
         self.tokens_per_step = cfg.data.batch_size * cfg.optim.gradient_accumulation_steps * m.block_size
         self.batch_per_device = cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         self.mfu_warned = False
+        self.last_saved: int | None = None
 
     def evaluate(self, params) -> dict:
         t = self.cfg.train
@@ -201,6 +202,15 @@ class Run:
     def save(self, state: TrainState, step: int) -> None:
         # Batches and dropout keys derive from (seed, step) alone: the step is the whole data position.
         checkpoint.save(self.manager, step, state.params, state.opt_state, {**self.checkpoint_meta, "step": step})
+        self.last_saved = step
+
+    def check_disk(self, state: TrainState) -> None:
+        """Warn at start when out_dir cannot hold keep_checkpoints + 1 checkpoints of this state."""
+        size = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+        need, free = size * (self.cfg.train.keep_checkpoints + 1), shutil.disk_usage(self.cfg.train.out_dir).free
+        if free < need:
+            self.log.say(f"warning: {self.cfg.train.out_dir} has {free / 1e9:.2f} GB free, but keep_checkpoints="
+                         f"{self.cfg.train.keep_checkpoints} + 1 checkpoints of {size / 1e9:.2f} GB need {need / 1e9:.2f} GB")
 
     def peak(self, remeasure: bool = False) -> tuple[float, str]:
         m = self.cfg.model
@@ -246,6 +256,7 @@ class Run:
         cfg, t, log = self.cfg, self.cfg.train, self.log
         start_step = int(state.step)
         self.start(state, command)
+        self.check_disk(state)
         if t.eval_only:
             row = {"step": start_step, **self.evaluate(state.params)}
             log.row(**row)
@@ -322,6 +333,8 @@ class Run:
         finally:
             # Wait for the last async save while our handlers still hold SIGINT/SIGTERM: a Ctrl-C now only sets
             # the flag instead of cutting orbax's finalisation short.
-            self.manager.wait_until_finished()
-            self.manager.close()
-            stop.restore()
+            try:
+                checkpoint.wait(self.manager, self.last_saved)
+            finally:
+                self.manager.close()
+                stop.restore()

@@ -6,6 +6,7 @@ line; MFU never reads above 100%."""
 import json
 import os
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,29 @@ def test_mfu_never_reads_above_100_percent(cli, data_dir, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     mfus = [row["mfu"] for row in rows if "mfu" in row]
     assert mfus and all(m is None or m <= 1 for m in mfus)
+
+
+def test_a_save_that_fails_says_so_in_one_line_and_keeps_the_last_checkpoint(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg()  # checkpoints at 4 and 8
+    original = ocp.CheckpointManager.save
+
+    def full_disk(manager, step, *args, **kwargs):
+        if step == 8:  # the disk fills during the second save: orbax wraps the OS error in its own
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as e:
+                raise RuntimeError("orbax: saving failed") from e
+        return original(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(checkpoint.SaveError) as error:
+        trainer.train(cfg, ["test"])
+    message = str(error.value)
+    assert "\n" not in message and "could not save checkpoint 8" in message and "No space left on device" in message
+    assert "ENOSPC" in message and "the last complete checkpoint is step 4" in message
+    monkeypatch.undo()
+    out = Path(cfg.train.out_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]  # no temporary directory left
+    _, params, _, step = checkpoint.load_params(cfg.train.out_dir, -1, cfg.mesh)
+    assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    assert not (out / "run.lock").exists()  # the lock went with the run
