@@ -271,9 +271,7 @@ def read_args(argv: list[str], allow_preset: bool = True) -> list[tuple[str, dic
 
 def parse_args(obj: Any, argv: list[str], allow_preset: bool = True) -> Any:
     """Apply `[preset] --key=value ...` to the dataclass `obj` (a Config or a single section) in place."""
-    for source, values in read_args(argv, allow_preset):
-        _apply(obj, values, source)
-    return obj
+    return apply_layers(obj, read_args(argv, allow_preset))
 
 
 def help_text(obj: Any, usage: str) -> str:
