@@ -1,5 +1,6 @@
 """Shared fixtures: a persistent XLA compilation cache (set before JAX is imported, inherited by the
-subprocesses the CLI tests start), the built-in corpus prepared once, and a tiny byte-level config.
+subprocesses the CLI tests start), the built-in corpus prepared once, and a tiny byte-level config (the
+suite's one tiny model, tests/helpers.py's TINY).
 
 The suite runs on the CPU unless JAX_PLATFORMS says otherwise: `JAX_PLATFORMS=cuda python -m pytest -q`
 runs it on a GPU (dtype auto is then bfloat16). Tests of sharding over several simulated devices, and of
@@ -12,23 +13,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "gpt-jax-tests" / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from gpt.config import Config, load_config  # noqa: E402
 from gpt.data import prepare  # noqa: E402
-
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=8",
-        "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3"]
-
-
-def simulated_devices_env(devices: int) -> dict:
-    """The environment for a subprocess on `devices` simulated CPU devices (a user's XLA_FLAGS kept)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    return env
+# Test modules import these from tests.helpers; they are named here for the fixtures below.
+from tests.helpers import REPO, TINY, simulated_devices_env  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,12 @@
 """The command lines as a user meets them: help, one-line errors with exit code 2, and a full train -> sample."""
 
 import json
+import re
 
 import pytest
 
-from gpt.config import Config, ConfigError, parse_args
-from tests.conftest import TINY
+from gpt.config import Config, ConfigError, SampleArgs, parse_args
+from tests.helpers import TINY
 
 
 def test_overrides_are_typed_and_flat():
@@ -35,11 +36,26 @@ def test_bad_arguments_raise_clear_errors(argv, message):
     assert message in str(e.value)
 
 
-def test_help_lists_every_key_with_default(cli):
-    r = cli("train.py", "--help")
-    assert r.returncode == 0
-    for key, value in Config().to_dict().items():
-        assert f"--{key}" in r.stdout and json.dumps(value) in r.stdout
+def help_defaults(text: str) -> dict:
+    """{key: default} read from the `  --key   default   meaning` lines of --help (defaults are JSON)."""
+    listed = {}
+    for line in text.splitlines():
+        if m := re.match(r"\s+--(\w+)\s+(.*)", line):
+            assert m[1] not in listed, f"--{m[1]} is listed twice"
+            listed[m[1]] = json.JSONDecoder().raw_decode(m[2])[0]
+    return listed
+
+
+@pytest.mark.parametrize("script, args", [("train.py", Config), ("sample.py", SampleArgs)])
+def test_help_lists_every_key_with_default(cli, script, args):
+    r = cli(script, "--help")
+    assert r.returncode == 0, r.stderr
+    listed, expected = help_defaults(r.stdout), {}
+    for section in vars(args()).values():  # the flat keys of every section, as the command line takes them
+        expected.update(vars(section))
+    assert listed.keys() == expected.keys()
+    for key, value in expected.items():  # the default on the key's own line, of the key's own type
+        assert listed[key] == value and type(listed[key]) is type(value), (key, listed[key], value)
 
 
 @pytest.mark.slow
@@ -109,17 +125,50 @@ def test_train_then_sample_end_to_end(cli, data_dir, tmp_path):
     assert r.returncode == 0 and "val loss" in r.stdout
 
 
+def stop_string_from(texts: list[str]) -> str:
+    """A short piece of one of the texts, taken from the middle outwards, whose first occurrence has text
+    before it and after it, made of characters a command line can carry (printable ASCII, newline, tab)."""
+    for text in texts:
+        middle = len(text) // 2
+        for start in sorted(range(len(text)), key=lambda i: abs(i - middle)):
+            for length in (2, 3):
+                piece = text[start:start + length]
+                first = text.find(piece)
+                if (len(piece) == length and 0 < first and first + length < len(text) and "\\" not in piece
+                        and all(c in "\n\t" or " " <= c <= "~" for c in piece)):
+                    return piece
+    raise AssertionError(f"no usable stop string in {texts!r}")
+
+
 @pytest.mark.slow
-def test_sample_batches_prompts_of_different_lengths(cli, data_dir, tmp_path):
+def test_sample_batches_prompts_of_different_lengths_and_stops_at_the_stop_string(cli, data_dir, tmp_path):
     out = tmp_path / "run"
     assert cli("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}").returncode == 0
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('"ROMEO:"\n"To be, or not to be"\n')
-    r = cli("sample.py", f"--out_dir={out}", f"--prompts={prompts}", "--num_samples=2", "--max_new_tokens=8",
-            "--json=True", "--stop=\\n")
+    prompts.write_text('"ROMEO:"\n"To be, or not"\n')
+    # Sampled (temperature 0.8) with the default seed, so a second run draws the same tokens: the barely
+    # trained model's greedy output would be a single repeated character, where no stop string can be cut.
+    common = [f"--out_dir={out}", f"--prompts={prompts}", "--num_samples=2", "--max_new_tokens=19", "--json=True"]
+    r = cli("sample.py", *common)
     assert r.returncode == 0, r.stderr
-    samples = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [s["prompt"] for s in samples] == ["ROMEO:", "ROMEO:", "To be, or not to be", "To be, or not to be"]
-    assert all("\n" not in s["text"] and len(s["tokens"]) <= 8 for s in samples)
+    full = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [s["prompt"] for s in full] == ["ROMEO:", "ROMEO:", "To be, or not", "To be, or not"]
+    assert all(len(s["tokens"]) == 19 for s in full)
+
+    # A stop string that certainly occurs, with text before and after it: each sample that holds it ends
+    # right before it (the tokens end with the one that completes it); the others are unchanged.
+    stop = stop_string_from([s["text"] for s in full])
+    r = cli("sample.py", *common, "--stop=" + stop.replace("\n", "\\n").replace("\t", "\\t"))
+    assert r.returncode == 0, r.stderr
+    stopped = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [s["prompt"] for s in stopped] == [s["prompt"] for s in full]
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # the byte tokenizer's decode
+    for s, f in zip(stopped, full):
+        if stop not in f["text"]:
+            assert (s["text"], s["tokens"]) == (f["text"], f["tokens"])
+            continue
+        assert s["text"] == f["text"][: f["text"].index(stop)], (stop, s["text"], f["text"])
+        assert s["tokens"] == f["tokens"][: len(s["tokens"])] and len(s["tokens"]) < len(f["tokens"])
+        assert stop in decode(s["tokens"]) and stop not in decode(s["tokens"][:-1])
     r = cli("sample.py", f"--out_dir={out}", "--start=hi", "--max_new_tokens=40", "--sliding_window=False")
     assert r.returncode == 2 and "exceeds the model's context of block_size=32" in r.stderr

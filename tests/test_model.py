@@ -10,34 +10,24 @@ import pytest
 from gpt.config import ModelConfig
 from gpt.hf import to_hf
 from gpt.model import GPT, param_counts
+from tests.helpers import random_model, tiny_model_config
 from tests.reference import numpy_gpt2
 
 
-def make(cfg: ModelConfig, seed: int = 0, batch: int = 2):
-    model = GPT(cfg)
-    idx = jax.random.randint(jax.random.key(seed + 1), (batch, cfg.block_size), 0, cfg.vocab_size)
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                          model.init(jax.random.key(seed), idx)["params"], is_leaf=lambda x: hasattr(x, "value"))
-    # Random biases and LayerNorm parameters too, so the reference checks that every one is used correctly.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
-    params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
-    return model, params, idx
-
-
-TINY = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=200)
+# The suite's tiny model with a vocabulary of 200, which the model pads to 256: the padded logits are tested.
+TINY = tiny_model_config(vocab_size=200)
 
 
 def test_logits_match_numpy_reference():
-    model, params, idx = make(TINY)
+    model, params, idx = random_model(TINY)
     logits, _ = model.apply({"params": params}, idx)
     reference = numpy_gpt2(to_hf(TINY, params), np.asarray(idx), TINY.n_head)
-    assert logits.shape == (2, 16, 256)  # vocabulary padded to a multiple of 128
+    assert logits.shape == (2, TINY.block_size, 256)  # vocabulary padded to a multiple of 128
     np.testing.assert_allclose(np.asarray(logits[..., :200]), reference[..., :200], rtol=1e-4, atol=1e-4)
 
 
 def test_padded_vocabulary_is_never_predicted():
-    model, params, idx = make(TINY)
+    model, params, idx = random_model(TINY)
     logits, _ = model.apply({"params": params}, idx)
     probs = jax.nn.softmax(logits, axis=-1)
     assert float(probs[..., 200:].max()) == 0.0
@@ -45,7 +35,7 @@ def test_padded_vocabulary_is_never_predicted():
 
 
 def test_causality_future_tokens_do_not_change_the_past():
-    model, params, idx = make(TINY)
+    model, params, idx = random_model(TINY)
     changed = idx.at[:, 10:].set((idx[:, 10:] + 7) % TINY.vocab_size)
     a, _ = model.apply({"params": params}, idx)
     b, _ = model.apply({"params": params}, changed)
@@ -77,7 +67,7 @@ def test_gpt2_initialisation():
 
 
 def test_bfloat16_compute_stays_close_to_float32():
-    model, params, idx = make(TINY)
+    model, params, idx = random_model(TINY)
     lo, _ = GPT(ModelConfig(**{**TINY.__dict__, "dtype": "bfloat16"})).apply({"params": params}, idx)
     hi, _ = model.apply({"params": params}, idx)
     assert lo.dtype == jnp.float32

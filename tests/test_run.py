@@ -17,7 +17,7 @@ import pytest
 from gpt import checkpoint, sharding, trainer
 from gpt.config import load_config
 from gpt.steps import build, make_train_step
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_logged_lr_is_the_applied_lr_after_a_skipped_batch(data_dir):

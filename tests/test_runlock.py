@@ -10,7 +10,7 @@ import pytest
 
 from gpt.config import ConfigError
 from gpt.runlock import STALE_S, RunLock
-from tests.conftest import REPO, TINY
+from tests.helpers import REPO, TINY
 
 
 def test_a_live_holder_is_refused_and_release_frees_the_directory(tmp_path):

@@ -5,17 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt.config import ConfigError, ModelConfig
+from gpt.config import ConfigError
 from gpt.model import GPT
 from gpt.sampling import Generator, Rules, filter_logits, sample_logits
-from tests.test_model import make
+from tests.helpers import random_model, tiny_model_config
 
-CFG = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=200)
+# The suite's tiny model with a longer context (prompts plus 40 new tokens fit; two 32-token chunks, and a
+# sliding window of half a context, are exercised) and a vocabulary that the model pads (200 -> 256).
+CFG = tiny_model_config(block_size=64, vocab_size=200)
 
 
 @pytest.fixture(scope="module")
 def model_params():
-    model, params, _ = make(CFG)
+    model, params, _ = random_model(CFG)
     return model, params
 
 

@@ -1,7 +1,7 @@
 """The same train step on any mesh: 8 simulated CPU devices in a subprocess against one device in-process."""
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +11,27 @@ import pytest
 
 from gpt import sharding
 from gpt.config import ConfigError, MeshConfig
-from tests.conftest import REPO, simulated_devices_env
+from tests.helpers import REPO, TINY_MODEL, TINY_TRAIN, simulated_devices_env, tiny_model_flags
 from tests.sharded_steps import restored_params
 
 MESHES = ["8,1,1", "1,8,1", "2,1,4", "2,2,2"]  # data=8, fsdp=8, tensor=4 x data=2, all three
+
+# The mesh axes each parameter must be split over, as gpt/sharding.py's RULES map the model's logical axes
+# (vocab, heads, mlp -> tensor; embed -> fsdp; pos, head_dim and the q/k/v axis whole), by parameter path
+# with the block index dropped. A parameter missing here fails the test: say how a new one is sharded.
+EXPECTED_SPECS = {
+    "['wte']['embedding']": ["tensor", "fsdp"],  # (vocab, embed)
+    "['wpe']['embedding']": [None, "fsdp"],  # (pos, embed)
+    "['attn']['c_attn']['kernel']": ["fsdp", None, "tensor", None],  # (embed, q/k/v, heads, head_dim)
+    "['attn']['c_attn']['bias']": [None, "tensor", None],
+    "['attn']['c_proj']['kernel']": ["tensor", None, "fsdp"],  # (heads, head_dim, embed)
+    "['attn']['c_proj']['bias']": ["fsdp"],
+    "['mlp']['c_fc']['kernel']": ["fsdp", "tensor"],  # (embed, mlp)
+    "['mlp']['c_fc']['bias']": ["tensor"],
+    "['mlp']['c_proj']['kernel']": ["tensor", "fsdp"],  # (mlp, embed)
+    "['mlp']['c_proj']['bias']": ["fsdp"],
+    **{f"['{ln}']['{p}']": ["fsdp"] for ln in ("ln_1", "ln_2", "ln_f") for p in ("scale", "bias")},  # (embed,)
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +64,30 @@ def test_sharded_steps_equal_single_device(sharded, mesh):
 
 @pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say(sharded):
-    fsdp, tp, dp = sharded["1,8,1"]["specs"], sharded["2,1,4"]["specs"], sharded["8,1,1"]["specs"]
-    assert fsdp["['wte']['embedding']"] == ["tensor", "fsdp"]
-    assert tp["['h_0']['mlp']['c_fc']['kernel']"] == ["fsdp", "tensor"]
-    assert tp["['h_0']['attn']['c_attn']['kernel']"] == ["fsdp", None, "tensor", None]
-    assert tp["['h_0']['attn']['c_proj']['kernel']"] == ["tensor", None, "fsdp"]
+    for mesh in MESHES:
+        sizes = dict(zip(sharding.AXES, (int(n) for n in mesh.split(","))))
+        specs, layout = sharded[mesh]["specs"], sharded[mesh]["layout"]
+        assert specs.keys() == layout.keys() == sharded["1,1,1"]["params"].keys()
+        for path, spec in specs.items():
+            assert spec == EXPECTED_SPECS[re.sub(r"^\['h_\d+'\]", "", path)], (mesh, path)
+            # A device holds 1/n of each dimension split over a mesh axis of n devices, all of the others.
+            shape, shard, replicated = layout[path]
+            ways = [sizes[axis] if axis else 1 for axis in spec]
+            assert shard == [n // w for n, w in zip(shape, ways)] and replicated == (ways == [1] * len(ways)), \
+                (mesh, path, layout[path])
+    # Data parallelism (data=8): every device holds every parameter whole. The specs still name fsdp and
+    # tensor, but those mesh axes have one device each.
+    assert all(replicated and shard == shape for shape, shard, replicated in sharded["8,1,1"]["layout"].values())
+    # data=2 x fsdp=2 x tensor=2: every parameter is split, over fsdp, tensor or both (4 heads of width c/4).
+    layout, c = sharded["2,2,2"]["layout"], TINY_MODEL["n_embd"]
+    assert not any(replicated for _, _, replicated in layout.values())
+    assert layout["['h_0']['mlp']['c_fc']['kernel']"][:2] == [[c, 4 * c], [c // 2, 2 * c]]  # embed/fsdp, mlp/tensor
+    assert layout["['wte']['embedding']"][:2] == [[256, c], [128, c // 2]]  # vocab/tensor, embed/fsdp
+    assert layout["['h_1']['attn']['c_attn']['kernel']"][:2] == [[c, 3, 4, c // 4], [c // 2, 3, 2, c // 4]]
     # Per-device bytes of params + optimizer state: FSDP over 8 holds about 1/8 of the replicated copy
     # (only a few small biases without an embed axis, and Adam's step counters, stay replicated).
     ratio = sharded["1,8,1"]["shard_bytes"] / sharded["8,1,1"]["shard_bytes"]
     assert 1 / 8 <= ratio < 0.14, ratio
-    assert len(dp) == len(fsdp)
 
 
 def test_mesh_shape_resolution_and_errors():
@@ -72,9 +103,9 @@ def test_mesh_shape_resolution_and_errors():
 @pytest.mark.slow
 def test_checkpoint_saved_on_fsdp_restores_on_other_meshes(cli, data_dir, tmp_path):
     out = tmp_path / "fsdp"
-    r = cli("train.py", "--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=32", "--batch_size=8",
-            "--max_iters=10", "--eval_interval=10", "--eval_iters=1", f"--data_dir={data_dir}", f"--out_dir={out}",
-            "--mesh_data=1", "--mesh_fsdp=8", devices=8)
+    r = cli("train.py", *tiny_model_flags(n_head=4), f"--batch_size={TINY_TRAIN['batch_size']}", "--max_iters=10",
+            "--eval_interval=10", "--eval_iters=1", f"--data_dir={data_dir}", f"--out_dir={out}",
+            "--mesh_data=1", "--mesh_fsdp=8", devices=8)  # 4 heads: the restore below splits them over tensor=4
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'fsdp': 8" in r.stdout
     # The values restored on one device (here) equal those restored on data=2 x tensor=4 (8 devices).

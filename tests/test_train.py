@@ -10,7 +10,7 @@ from gpt import checkpoint, sharding
 from gpt.cli import run_train
 from gpt.optim import lr_schedule
 from gpt.steps import build, make_train_step
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def init_state(cfg):
@@ -107,5 +107,9 @@ def test_metrics_rows(data_dir, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["vocab_size"] == 256 and saved["warmup_iters"] == 0 and saved["lr_decay_iters"] == 8
-    assert saved["dtype"] == "float32"  # auto resolves to float32 on a CPU
+    # The config keeps what was asked (auto resumes right on another machine); the start row says what ran.
+    assert saved["dtype"] == "auto"
+    assert start["compute_dtype"] == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    assert set(start["versions"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}
+    assert start["n_params"]["matmul"] < start["n_params"]["total"] and start["peak_flops_source"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]

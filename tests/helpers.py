@@ -1,0 +1,62 @@
+"""What several test modules share (this module holds no tests): the repository root, the suite's one tiny
+model, the environment of a subprocess on simulated CPU devices, and a model with random weights.
+
+Every test that needs a small model starts from TINY_MODEL; a test that needs another shape says which
+keys it changes (tensor parallelism over 4 devices needs 4 heads, sampling past a short context needs a
+longer one), so the suite never grows a second "tiny" that drifts from the first."""
+
+import os
+from pathlib import Path
+
+from gpt.config import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The suite's tiny model: 2 layers, 2 heads, 32 wide, a context of 32 tokens.
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+# How the CLI tests train it: 8 steps of 8 sequences, evaluated every 4 steps.
+TINY_TRAIN = {"batch_size": 8, "max_iters": 8, "eval_interval": 4, "eval_iters": 2, "log_interval": 1,
+              "learning_rate": 3e-3}
+
+
+def flags(values: dict) -> list[str]:
+    """{key: value} -> ["--key=value", ...], as train.py and sample.py take them."""
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def tiny_model_flags(**changes) -> list[str]:
+    """The tiny model's architecture flags, with `changes` applied (e.g. n_head=4)."""
+    return flags({**TINY_MODEL, **changes})
+
+
+# The tiny model and its short training run as command-line flags (byte tokenizer, the default corpus).
+TINY = flags({**TINY_MODEL, **TINY_TRAIN})
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    """The tiny model as a ModelConfig (vocabulary 256: bytes), with `changes` applied."""
+    return ModelConfig(**{**TINY_MODEL, "vocab_size": 256, **changes})
+
+
+def simulated_devices_env(devices: int) -> dict:
+    """The environment for a subprocess on `devices` simulated CPU devices (a user's XLA_FLAGS kept)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return env
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, batch: int = 2):
+    """(model, params, idx): a GPT with random weights, biases and LayerNorm parameters included (so a
+    reference checks that every one is used correctly), and a batch of random token ids [batch, block_size]."""
+    import jax  # imported here: conftest imports this module, and it needs no model code
+
+    from gpt.model import GPT
+
+    model = GPT(cfg)
+    idx = jax.random.randint(jax.random.key(seed + 1), (batch, cfg.block_size), 0, cfg.vocab_size)
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
+                          model.init(jax.random.key(seed), idx)["params"], is_leaf=lambda x: hasattr(x, "value"))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
+    params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    return model, params, idx
