@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from gpt import sharding
 from gpt.config import load_config
-from gpt.metrics import largest_matmul, peak_flops, peak_memory
+from gpt.metrics import peak_memory, run_peak_flops
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.steps import build, jit_train_step
 from gpt.tokenizer import get_tokenizer
@@ -46,10 +46,8 @@ def main(argv: list[str]) -> None:
         step_s = (time.perf_counter() - t0) / steps
     m = cfg.model
     counts = param_counts(m, state.params)
-    batch_per_device = cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-    peak, peak_source = peak_flops(cfg.train.peak_flops, m.compute_dtype,
-                                   largest_matmul(batch_per_device, m.block_size, m.n_embd, m.padded_vocab_size))
-    tokens_per_step = cfg.data.batch_size * cfg.optim.gradient_accumulation_steps * cfg.model.block_size
+    peak, peak_source = run_peak_flops(cfg, mesh)
+    tokens_per_step = cfg.tokens_per_step
     memory = compiled.memory_analysis()
     state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     print(json.dumps({

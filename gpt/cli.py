@@ -1,4 +1,4 @@
-"""The command-line entry points (train.py, sample.py, `python -m gpt prepare|export`, gpt-train,
+"""The command-line entry points (train.py, sample.py, `python -m gpt.cli prepare|export`, gpt-train,
 gpt-sample): parse, validate, run, and turn every user error into one line on stderr (exit 2 for usage
 errors) instead of a traceback. The only module that prints errors or picks exit codes."""
 
@@ -150,7 +150,7 @@ def _sample(args, prompts: list[str]) -> int:
     return 0
 
 
-PREPARE_USAGE = "usage: python -m gpt prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
+PREPARE_USAGE = "usage: python -m gpt.cli prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
 
 
 def run_prepare(argv: list[str]) -> int:
@@ -171,7 +171,7 @@ def run_prepare(argv: list[str]) -> int:
     return 0
 
 
-EXPORT_USAGE = "usage: python -m gpt export --out_dir=RUN [--step=N] --to=DIR"
+EXPORT_USAGE = "usage: python -m gpt.cli export --out_dir=RUN [--step=N] --to=DIR"
 
 
 def run_export(argv: list[str]) -> int:
@@ -204,9 +204,9 @@ COMMANDS = {"train": run_train, "sample": run_sample, "prepare": run_prepare, "e
 
 
 def main(argv: list[str]) -> int:
-    """`python -m gpt COMMAND [--key=value ...]`."""
+    """`python -m gpt.cli COMMAND [--key=value ...]`."""
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m gpt {{{','.join(COMMANDS)}}} [--key=value ...]", file=sys.stderr)
+        print(f"usage: python -m gpt.cli {{{','.join(COMMANDS)}}} [--key=value ...]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 
@@ -219,3 +219,7 @@ def train_main() -> None:
 def sample_main() -> None:
     """The `gpt-sample` console command."""
     sys.exit(run_sample(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

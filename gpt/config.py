@@ -34,6 +34,10 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# gpt/model.py's REMAT_POLICIES holds what each name (but "none") keeps for the backward pass.
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = opt(4, "transformer blocks")
@@ -140,6 +144,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, over all devices and micro-steps."""
+        return self.data.batch_size * self.optim.gradient_accumulation_steps * self.model.block_size
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {key: value}, the same keys the command line takes."""
@@ -306,9 +315,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dtype={m.dtype!r}: use auto, float32 or bfloat16")
     if m.attention not in ("auto", "xla", "cudnn"):
         raise ConfigError(f"attention={m.attention!r}: use auto, xla or cudnn")
-    remats = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "minimal")
-    if m.remat not in remats:
-        raise ConfigError(f"remat={m.remat!r}: use {', '.join(remats)}")
+    if m.remat not in REMAT_CHOICES:
+        raise ConfigError(f"remat={m.remat!r}: use {', '.join(REMAT_CHOICES)}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):

@@ -8,7 +8,7 @@ Batches: the rows of step s are a pure function of (seed, split, s), so a resume
 mesh or process count, sees exactly the batches the uninterrupted single-device run would have seen. Each
 process reads only the rows its devices hold.
 
-    python -m gpt prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
+    python -m gpt.cli prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
 """
 
 from __future__ import annotations

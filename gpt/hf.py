@@ -5,7 +5,7 @@ HF's GPT-2 stores Conv1D weights as [in, out], packs q, k, v along c_attn's outp
 Keys may carry a `transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model). Our parameters differ only in
 shape bookkeeping: q/k/v and heads are separate axes, and the vocabulary is padded to a multiple of 128.
 
-    python -m gpt export --out_dir=RUN [--step=N] --to=DIR     # a checkpoint as an HF directory
+    python -m gpt.cli export --out_dir=RUN [--step=N] --to=DIR     # a checkpoint as an HF directory
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import jax
 
+from gpt.config import Config
+
 # Dense peak FLOP/s per device from the vendors' datasheets: (device_kind fragment, 16-bit, 32-bit).
 # Checked in order, so a part whose name contains another's comes first ("a100" before "a10"). The 32-bit
 # column is what a float32 run is measured against: TF32 on NVIDIA GPUs, because at JAX's default matmul
@@ -90,10 +92,14 @@ def peak_flops(per_device: float, dtype: str, matmul_shape: tuple[int, int, int]
     return cache[key] * jax.process_count(), how
 
 
-def largest_matmul(batch_per_device: int, block_size: int, n_embd: int, padded_vocab: int) -> tuple[int, int, int]:
-    """(m, k, n) of the largest matmul in a train step on one device: the MLP's or the LM head's."""
-    rows = min(batch_per_device * block_size, 8192)  # the rate stops growing long before; keep the timing short
-    return max([(rows, n_embd, 4 * n_embd), (rows, n_embd, padded_vocab)], key=lambda s: s[0] * s[1] * s[2])
+def run_peak_flops(cfg: Config, mesh, remeasure: bool = False) -> tuple[float, str]:
+    """peak_flops for a training run of cfg on mesh: its dtype, and on a CPU its largest matmul on one
+    device (the MLP's or the LM head's), at most 8192 rows (the rate stops growing long before)."""
+    m = cfg.model
+    rows = min(cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"]) * m.block_size, 8192)
+    shape = max([(rows, m.n_embd, 4 * m.n_embd), (rows, m.n_embd, m.padded_vocab_size)],
+                key=lambda s: s[0] * s[1] * s[2])
+    return peak_flops(cfg.train.peak_flops, m.compute_dtype, shape, remeasure)
 
 
 def peak_memory() -> int | None:

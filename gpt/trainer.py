@@ -187,9 +187,6 @@ class Run:
         self.cfg, self.mesh, self.model, self.tx, self.shardings = cfg, mesh, model, tx, shardings
         self.manager, self.batches, self.log, self.checkpoint_meta = manager, batches, log, checkpoint_meta
         self.eval_step = jax.jit(make_eval_step(model))
-        m = cfg.model
-        self.tokens_per_step = cfg.data.batch_size * cfg.optim.gradient_accumulation_steps * m.block_size
-        self.batch_per_device = cfg.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         self.mfu_warned = False
         self.last_saved: int | None = None
 
@@ -212,18 +209,13 @@ class Run:
             self.log.say(f"warning: {self.cfg.train.out_dir} has {free / 1e9:.2f} GB free, but keep_checkpoints="
                          f"{self.cfg.train.keep_checkpoints} + 1 checkpoints of {size / 1e9:.2f} GB need {need / 1e9:.2f} GB")
 
-    def peak(self, remeasure: bool = False) -> tuple[float, str]:
-        m = self.cfg.model
-        shape = metrics.largest_matmul(self.batch_per_device, m.block_size, m.n_embd, m.padded_vocab_size)
-        return metrics.peak_flops(self.cfg.train.peak_flops, m.compute_dtype, shape, remeasure)
-
     def mfu(self, achieved_flops: float) -> float | None:
         """achieved / peak; above 1 the peak was measured too low (a busy moment): re-measure once and warn,
         and never report an MFU above 1. None where the peak is unknown."""
         mfu = achieved_flops / self.peak_flops
         if mfu > 1 and not self.mfu_warned:
             self.mfu_warned = True
-            self.peak_flops, self.peak_source = self.peak(remeasure=True)
+            self.peak_flops, self.peak_source = metrics.run_peak_flops(self.cfg, self.mesh, remeasure=True)
             self.log.say(f"warning: MFU {100 * mfu:.0f}% is above 100%: the peak ({self.peak_source}) was too low; "
                          f"re-measured it as {self.peak_flops:.3g} FLOP/s")
             mfu = achieved_flops / self.peak_flops
@@ -241,13 +233,14 @@ class Run:
             flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
         return bool(flags[0]), bool(flags[1])
 
-    def start(self, state: TrainState, command: list[str]) -> None:
-        cfg, counts = self.cfg, param_counts(self.cfg.model, state.params)
-        self.flops_per_step = flops_per_token(cfg.model, counts["matmul"]) * self.tokens_per_step
-        self.peak_flops, self.peak_source = self.peak()
+    def start(self, state: TrainState) -> None:
+        cfg = self.cfg
+        self.counts = param_counts(cfg.model, state.params)
+        self.flops_per_step = flops_per_token(cfg.model, self.counts["matmul"]) * cfg.tokens_per_step
+        self.peak_flops, self.peak_source = metrics.run_peak_flops(cfg, self.mesh)
         self.attention = attention_backend(cfg.model)
-        self.log.say(f"model: {counts['total'] / 1e6:.2f}M parameters | mesh {dict(self.mesh.shape)} | "
-                     f"{jax.device_count()} {jax.devices()[0].platform} device(s) | {self.tokens_per_step:,} tokens/step"
+        self.log.say(f"model: {self.counts['total'] / 1e6:.2f}M parameters | mesh {dict(self.mesh.shape)} | "
+                     f"{jax.device_count()} {jax.devices()[0].platform} device(s) | {cfg.tokens_per_step:,} tokens/step"
                      f" | {cfg.model.compute_dtype} | attention {self.attention}")
         if jax.process_index() == 0 and not cfg.train.eval_only:
             (Path(cfg.train.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -255,7 +248,7 @@ class Run:
     def loop(self, state: TrainState, command: list[str]) -> dict:
         cfg, t, log = self.cfg, self.cfg.train, self.log
         start_step = int(state.step)
-        self.start(state, command)
+        self.start(state)
         self.check_disk(state)
         if t.eval_only:
             row = {"step": start_step, **self.evaluate(state.params)}
@@ -267,7 +260,7 @@ class Run:
             return {"step": start_step}
         log.row(event="start", time=time.strftime("%Y-%m-%dT%H:%M:%S"), argv=list(command), code=metrics.code_version(),
                 versions=metrics.versions(), config=cfg.to_dict(), start_step=start_step,
-                n_params=param_counts(cfg.model, state.params), devices=jax.device_count(),
+                n_params=self.counts, devices=jax.device_count(),
                 device_kind=jax.devices()[0].device_kind, compute_dtype=cfg.model.compute_dtype,
                 attention=self.attention, peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
 
@@ -313,12 +306,12 @@ class Run:
                             log.say(f"warning: skipped the batch of step {bad_step}: non-finite loss or gradient")
                     values = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
                     elapsed = time.perf_counter() - timer
-                    tok_s = timed_steps * self.tokens_per_step / elapsed
+                    tok_s = timed_steps * cfg.tokens_per_step / elapsed
                     mfu = self.mfu(timed_steps * self.flops_per_step / elapsed)
                     last = {"step": step, **values, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped,
                             "peak_memory_bytes": metrics.peak_memory()}
                     log.row(**last)
-                    eta = (t.max_iters - step - 1) * self.tokens_per_step / tok_s
+                    eta = (t.max_iters - step - 1) * cfg.tokens_per_step / tok_s
                     log.say(f"step {step:>6} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                             f"grad {values['grad_norm']:.2f} | {tok_s:,.0f} tok/s | "
                             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {_fmt_time(eta)}")

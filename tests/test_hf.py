@@ -117,7 +117,7 @@ def test_cli_samples_finetunes_and_exports_hf_directories(cli, data_dir, tmp_pat
     assert r.returncode == 2 and "is a model with n_layer=2" in r.stderr
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "gpt", "export", f"--out_dir={out}", f"--to={tmp_path / 'exp'}"],
+    r = subprocess.run([sys.executable, "-m", "gpt.cli", "export", f"--out_dir={out}", f"--to={tmp_path / 'exp'}"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     cfg, params = from_hf(tmp_path / "exp")

@@ -1,4 +1,4 @@
-"""The library's import graph: no cycles, and no library module importing the CLI (gpt/cli.py, gpt/__main__.py).
+"""The library's import graph: no cycles, and no library module importing the CLI (gpt/cli.py).
 
 Walks every `import gpt.x` / `from gpt[.x] import y` in gpt/, at any depth (imports inside functions count:
 they are cycles too, only deferred)."""
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 GPT_DIR = Path(__file__).resolve().parent.parent / "gpt"
-CLI = {"gpt.cli", "gpt.__main__"}
+CLI = {"gpt.cli"}
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt.config import ConfigError, ModelConfig
+from gpt.config import REMAT_CHOICES, ConfigError, ModelConfig
 from gpt.model import GPT, REMAT_POLICIES, attention_backend, init_params
 from tests.helpers import tiny_model_config
 
@@ -31,6 +31,10 @@ def test_every_remat_policy_gives_the_same_loss_and_gradients():
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6), policy
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+
+
+def test_every_remat_choice_has_a_policy():
+    assert ("none", *REMAT_POLICIES) == REMAT_CHOICES
 
 
 def test_remat_really_recomputes():
