@@ -26,37 +26,92 @@ def run_train(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(Config(), TRAIN_USAGE))
         return 0
-    from gpt import sharding, trainer
+    return guarded(lambda: _train(argv))
+
+
+def guarded(body) -> int:
+    """body()'s exit code, or the one-line error and exit code of what stopped it."""
     from gpt.checkpoint import SaveError
+    from gpt.plan import DoesNotFit
 
     try:
-        cfg = trainer.prepare_run(argv)  # every usage error surfaces here, before a device is touched
-        sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
-        trainer.train(cfg, [sys.argv[0], *argv])
+        return body()
     except ConfigError as e:
         return _fail(str(e), 2)
+    except DoesNotFit as e:
+        return _fail(str(e), 3)
     except (FloatingPointError, SaveError) as e:  # the run stopped; what was saved before is intact
         return _fail(str(e), 1)
     except KeyboardInterrupt:  # before training started (while preparing data or compiling)
         return _fail("interrupted before training started", 130)
+
+
+def preflight(argv: list[str]) -> Config:
+    """Everything that can refuse a training run before anything is allocated or compiled: the config and
+    paths (trainer.prepare_run), the mesh and batch split, and the plan's lower bound on memory."""
+    from gpt import plan, sharding, trainer
+
+    cfg = trainer.prepare_run(argv)  # every usage error surfaces here, before a device is touched
+    sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.data.batch_size, mesh)
+    plan.check(cfg, dict(mesh.shape))
+    return cfg
+
+
+def _train(argv: list[str]) -> int:
+    from gpt import trainer
+
+    cfg = preflight(argv)
+    if cfg.train.dry_run:
+        return _dry_run(cfg)
+    trainer.train(cfg, [sys.argv[0], *argv])
     return 0
+
+
+def _dry_run(cfg: Config) -> int:
+    import json
+    from pathlib import Path
+
+    from gpt import plan, sharding
+
+    report = plan.compiled_plan(cfg, sharding.make_mesh(cfg.mesh))
+    text = json.dumps(report, indent=1)
+    (Path(cfg.train.out_dir) / "plan.json").write_text(text + "\n")
+    print(text)
+    if report["fits"]:
+        return 0
+    over = (report["bytes_per_device"]["peak"] - report["device_memory_bytes"]) / plan.GiB
+    remedies = "; ".join(report["remedies"]) or "no single remedy tried fits: shard over more devices"
+    return _fail(f"does not fit: the compiled step peaks {over:.2f} GiB above the device's memory; {remedies}", 3)
 
 
 SAMPLE_USAGE = "usage: python sample.py --out_dir=DIR [--start=TEXT|FILE:path] [--key=value ...]"
 
 
 def run_sample(argv: list[str]) -> int:
-    from gpt.config import SampleArgs, validate_sample
+    from gpt.config import SampleArgs
 
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(SampleArgs(), SAMPLE_USAGE))
         return 0
-    try:
-        args = parse_args(SampleArgs(), argv, allow_preset=False)
-        validate_sample(args.sample)
-        return _sample(args, _read_prompts(args.sample))
-    except ConfigError as e:
-        return _fail(str(e), 2)
+    return guarded(lambda: _sample(*sample_preflight(argv)))
+
+
+def sample_preflight(argv: list[str]):
+    """Everything that can refuse a sampling run before anything compiles: the keys, the prompt files and
+    the checkpoint. Returns (args, prompts, (model config, params, tokenizer name, source))."""
+    from gpt.config import SampleArgs, validate_sample
+    from gpt.sampling import load_model
+    from gpt.sharding import initialize_distributed
+
+    args = parse_args(SampleArgs(), argv, allow_preset=False)
+    validate_sample(args.sample)
+    prompts = _read_prompts(args.sample)
+    _quiet_orbax()
+    initialize_distributed(args.mesh)
+    s = args.sample
+    return args, prompts, load_model(s.init_from, s.out_dir, s.step, args.mesh)
 
 
 def _read_prompts(s) -> list[str]:
@@ -88,21 +143,22 @@ def _read_prompts(s) -> list[str]:
     prompt = read(s.start[5:], "start") if s.start.startswith("FILE:") else s.start
     if not prompt:
         raise ConfigError(f"start={s.start!r}: the prompt is empty")
+    try:  # text from the command line can hold bytes that are not UTF-8 (as surrogates)
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"start={s.start!r}: not UTF-8 text (character {e.start})") from None
     return [prompt]
 
 
-def _sample(args, prompts: list[str]) -> int:
+def _sample(args, prompts: list[str], loaded) -> int:
     import json
     import time
 
-    from gpt.sampling import Generator, Rules, load_model
-    from gpt.sharding import initialize_distributed
+    from gpt.sampling import Generator, Rules
     from gpt.tokenizer import get_tokenizer
 
-    _quiet_orbax()
-    initialize_distributed(args.mesh)
     s = args.sample
-    model_cfg, params, tokenizer, source = load_model(s.init_from, s.out_dir, s.step, args.mesh)
+    model_cfg, params, tokenizer, source = loaded
     tok = get_tokenizer(tokenizer)
     print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
     ids = [tok.encode(p) for p in prompts for _ in range(s.num_samples)]

@@ -117,6 +117,10 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "skip (and count) batches with a non-finite loss instead of stopping")
     seed: int = opt(1337, "seed for initialisation, data order and dropout")
     peak_flops: float = opt(0.0, "per-device peak FLOP/s for MFU; 0 = known GPU/TPU peak or a measured CPU matmul")
+    dry_run: bool = opt(False, "compile the train step without allocating it, print the memory/FLOPs plan as JSON "
+                               "(also out_dir/plan.json) and exit: 0 if it fits, 3 if not")
+    device_memory_gb: float = opt(0.0, "memory per device the plan checks against; 0 = what the device reports "
+                                       "(host RAM / devices on a CPU)")
 
 
 @dataclass
@@ -329,7 +333,7 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= getattr(o, key) < 1.0:
             raise ConfigError(f"{key}={getattr(o, key)}: must be in [0, 1)")
     for key, value in {"weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "peak_flops": t.peak_flops,
-                       "checkpoint_minutes": t.checkpoint_minutes}.items():
+                       "checkpoint_minutes": t.checkpoint_minutes, "device_memory_gb": t.device_memory_gb}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if o.warmup_iters < -1 or o.lr_decay_iters < -1 or t.checkpoint_interval < 0:

@@ -55,11 +55,8 @@ def _shakespeare() -> list[tuple[str, str]]:
 BUILTIN_CORPORA = {"shakespeare": _shakespeare}
 
 
-def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
-    """(number of documents, an iterator over (name, text)): files are read one at a time."""
-    if dataset in BUILTIN_CORPORA:
-        docs = BUILTIN_CORPORA[dataset]()
-        return len(docs), iter(docs)
+def corpus_files(dataset: str) -> list[Path]:
+    """The .txt files of a dataset that is not built in; a one-line ConfigError when there are none."""
     path = Path(dataset)
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
@@ -67,6 +64,15 @@ def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
                           "nor a .txt file or a directory holding .txt files")
     if all(f.stat().st_size == 0 for f in files):
         raise ConfigError(f"dataset={dataset!r}: the corpus is empty")
+    return files
+
+
+def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
+    """(number of documents, an iterator over (name, text)): files are read one at a time."""
+    if dataset in BUILTIN_CORPORA:
+        docs = BUILTIN_CORPORA[dataset]()
+        return len(docs), iter(docs)
+    files = corpus_files(dataset)
     return len(files), ((f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files)
 
 

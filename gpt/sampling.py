@@ -34,7 +34,8 @@ def filter_logits(logits, temperature, top_k, top_p):
     ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
-    n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+    # top_p = 1 keeps all k: in float32 the tail's `before` can round up to 1.0 and would be dropped.
+    n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))
     threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 

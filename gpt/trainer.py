@@ -72,6 +72,8 @@ def prepare_run(argv: list[str]) -> Config:
     validate(cfg)
     _check_writable_dir("out_dir", cfg.train.out_dir)
     if not (data.dataset_dir(cfg.data) / "meta.json").is_file():  # the corpus will be prepared there
+        if cfg.data.dataset not in data.BUILTIN_CORPORA:
+            data.corpus_files(cfg.data.dataset)
         _check_writable_dir("data_dir", cfg.data.data_dir)
     return resolve(cfg)
 

@@ -92,13 +92,48 @@ def test_top_p_never_leaves_the_nucleus():
     assert set(draws.tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.5 + 0.25 + 0.15
 
 
-def test_empirical_distribution_matches_filtered_softmax():
-    logits = jnp.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
-    temperature, top_k, top_p = 0.7, 4, 0.9
-    expected = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p)))[0]
-    assert expected[4] == 0 and expected[5] == 0  # top-k cut
+def numpy_filter(logits, temperature, top_k, top_p):
+    """The sampling rules in plain float64 numpy, row by row: divide by the temperature, keep the top_k
+    largest (0 = all), then the smallest set of most likely survivors whose probability reaches top_p
+    (1 = all of them)."""
+    rows = []
+    for z in np.asarray(logits, np.float64) / temperature:
+        order = np.argsort(-z, kind="stable")[: top_k or len(z)]
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        n_keep = len(order) if top_p >= 1 else max(int(np.sum(np.cumsum(p) - p < top_p)), 1)
+        kept = np.full_like(z, -np.inf)
+        kept[order[:n_keep]] = z[order[:n_keep]]
+        rows.append(kept)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("top_k", [0, 1, 7, 200, 500])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 1.0])
+def test_filter_matches_numpy_reference(temperature, top_k, top_p):
+    logits = np.asarray(jax.random.normal(jax.random.key(4), (4, 200)) * 3)
+    got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
+    want = numpy_filter(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-5)
+
+
+def test_greedy_is_the_argmax_whatever_the_filters():
+    logits = jax.random.normal(jax.random.key(5), (8, 200))
+    for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.5), (50, 0.9)]:
+        got = sample_logits(logits, jax.random.key(6), 0.0, top_k, top_p)
+        np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), axis=-1))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.9), (0.7, 4, 1.0), (0.7, 0, 0.8), (1.6, 0, 1.0)])
+def test_empirical_distribution_matches_the_numpy_rules(temperature, top_k, top_p):
+    logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    z = numpy_filter(logits, temperature, top_k, top_p)[0]
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     keys = jax.random.split(jax.random.key(3), 20000)
-    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature, top_k, top_p))(keys))[:, 0]
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(jnp.asarray(logits), k, temperature, top_k, top_p))(keys))[:, 0]
+    assert draws.dtype == np.int32
     freq = np.bincount(draws, minlength=6) / len(draws)
     np.testing.assert_allclose(freq, expected, atol=0.015)  # ~4 standard errors at n=20000
 

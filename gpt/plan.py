@@ -1,0 +1,178 @@
+"""Know before launch: whether a configuration fits its devices, and what a step costs.
+
+Two checks, one cheap and one exact:
+- `check` is closed-form, instant for any size (n_layer=10^12 included), and runs before every training
+  run is built: it refuses a run whose *unavoidable* bytes per device (parameters, AdamW's two moments,
+  gradients, one micro-batch's float32 logits and what each layer must keep for the backward pass) exceed the device's memory. Those are
+  lower bounds, so it never refuses a run that would fit.
+- `compiled_plan` (`train.py --dry_run`) lowers and compiles the exact train step for the configured mesh
+  from abstract shapes (nothing is allocated) and reads XLA's memory and cost analyses: the figure to trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+
+from gpt.config import Config, ModelConfig
+
+GiB = 2**30
+STATED_MFU = 0.4  # the model FLOP utilisation the time estimate assumes (nanochat and llm.c report ~40%)
+
+
+class DoesNotFit(Exception):
+    """The configuration needs more memory per device than there is; one line for the user (exit 3)."""
+
+
+def n_params(m: ModelConfig) -> int:
+    """Parameters as init_params creates them (the vocabulary's padding rows included): the closed form of
+    the GPT-2 tree, so sizes too large to build can still be counted."""
+    d = m.n_embd
+    layer_norm = 2 * d if m.bias else d
+    matrices = 3 * d * d + d * d + 4 * d * d + 4 * d * d  # c_attn, attn c_proj, c_fc, mlp c_proj
+    biases = 3 * d + d + 4 * d + d if m.bias else 0
+    block = 2 * layer_norm + matrices + biases
+    return m.padded_vocab_size * d + m.block_size * d + m.n_layer * block + layer_norm
+
+
+def device_memory(cfg: Config) -> tuple[int, str]:
+    """(bytes one device can hold, where the figure comes from): the device_memory_gb key, else what the
+    accelerator reports, else on a CPU the host's RAM shared by its simulated devices."""
+    if cfg.train.device_memory_gb > 0:
+        return int(cfg.train.device_memory_gb * GiB), "device_memory_gb"
+    device = jax.local_devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit:
+        return int(limit), f"{device.device_kind} bytes_limit"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // jax.local_device_count(), f"host RAM / {jax.local_device_count()} CPU device(s)"
+
+
+def lower_bound(cfg: Config, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Bytes per device no implementation of this step can avoid, by part."""
+    m, bytes_per_value = cfg.model, 2 if cfg.model.compute_dtype == "bfloat16" else 4
+    state_shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
+    rows = -(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"]))  # micro-batch rows per device
+    tokens = rows * m.block_size
+    p = n_params(m)
+    return {
+        "parameters": 4 * p // state_shards,  # float32
+        "optimizer_state": 8 * p // state_shards,  # AdamW's mu and nu, float32
+        "gradients": 4 * p // state_shards,
+        "batch": 2 * 4 * tokens * cfg.optim.gradient_accumulation_steps,  # inputs and targets, int32
+        "logits": 4 * tokens * m.padded_vocab_size // mesh_shape["tensor"],  # one micro-batch, float32
+        "saved_activations": m.n_layer * tokens * m.n_embd * bytes_per_value * _saved_per_layer(m),
+    }
+
+
+def _saved_per_layer(m: ModelConfig) -> int:
+    """Activations per token, in units of n_embd, that a layer surely keeps for the backward pass: its input
+    under any remat policy; with remat=none also q, k, v and the attention output, which nothing recomputes
+    short of redoing the attention (the MLP's and LayerNorms' are left out: XLA might recompute those)."""
+    return 1 if m.remat != "none" else 5
+
+
+def check(cfg: Config, mesh_shape: dict[str, int]) -> dict:
+    """Raise DoesNotFit when even the lower bound exceeds a device's memory; else the bound and memory."""
+    need = lower_bound(cfg, mesh_shape)
+    memory, source = device_memory(cfg)
+    total = sum(need.values())
+    if total > memory:
+        raise DoesNotFit(f"does not fit: each device needs at least {total / GiB:,.2f} GiB ("
+                         + ", ".join(f"{k} {v / GiB:,.2f}" for k, v in need.items() if v >= GiB / 100)
+                         + f") but holds {memory / GiB:,.2f} GiB ({source}); "
+                         + _remedies(cfg, mesh_shape, memory))
+    return {"lower_bound_bytes": need, "device_memory_bytes": memory, "device_memory_source": source}
+
+
+def _remedies(cfg: Config, mesh_shape: dict[str, int], memory: int) -> str:
+    """What would make the lower bound fit, computed from it: more fsdp shards for the state, fewer rows per
+    micro-step (with more accumulation, so tokens per step stay) for the activations."""
+    need = lower_bound(cfg, mesh_shape)
+    state = need["parameters"] + need["optimizer_state"] + need["gradients"]
+    per_row = (need["logits"] + need["saved_activations"]) / max(-(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])), 1)
+    hints = []
+    if state > memory / 2:
+        shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
+        hints.append(f"shard the state over >= {math.ceil(state * shards / (memory / 2))} devices "
+                     "(mesh_fsdp x mesh_tensor) so it takes half a device")
+    free = memory - state - need["batch"]
+    rows = int(free // per_row) if free > 0 else 0
+    if rows >= 1 and per_row * cfg.data.batch_size > free:
+        hints.append(f"at most {rows} sequences per device per micro-step: lower batch_size and raise "
+                     "gradient_accumulation_steps to keep the tokens per step")
+    return "; ".join(hints) or "use a smaller model"
+
+
+def compiled_plan(cfg: Config, mesh, remedies: bool = True) -> dict:
+    """Lower and compile the exact train step on mesh from abstract shapes; XLA's figures per device.
+    When it does not fit (and remedies), the remedies are compiled too and the ones that help listed."""
+    from gpt import sharding
+    from gpt.model import flops_per_token, param_counts
+    from gpt.steps import build, jit_train_step
+
+    shape = dict(mesh.shape)
+    bound = check(cfg, shape)
+    with sharding.activate(mesh):
+        model, tx, abstract, shardings, _ = build(cfg, mesh)
+        batch_shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
+        batch = jax.ShapeDtypeStruct(batch_shape, jax.numpy.int32, sharding=sharding.batch_sharding(mesh, 1))
+        compiled = jit_train_step(model, tx, cfg, shardings).lower(abstract, (batch, batch)).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    counts = param_counts(cfg.model, abstract.params)
+    state_bytes = {name: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+                   for name, tree in (("parameters", abstract.params), ("optimizer_state", abstract.opt_state))}
+    # The state is donated, so its output aliases its input: peak = arguments + outputs - aliased + temporaries.
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+    model_flops = flops_per_token(cfg.model, counts["matmul"]) * cfg.tokens_per_step
+    n_devices = math.prod(shape.values())
+    from gpt.metrics import run_peak_flops
+
+    peak_flops, peak_source = run_peak_flops(cfg, mesh)
+    step_s = model_flops / (STATED_MFU * peak_flops) if peak_flops == peak_flops else None
+    report = {
+        "fits": peak <= bound["device_memory_bytes"],
+        "mesh": shape, "devices": n_devices, "platform": jax.devices()[0].platform,
+        "parameters": {"total": counts["total"], "non_embedding": counts["non_embedding"]},
+        "bytes_per_device": {**state_bytes, "arguments": memory.argument_size_in_bytes,
+                             "outputs": memory.output_size_in_bytes, "aliased": memory.alias_size_in_bytes,
+                             "temporaries": memory.temp_size_in_bytes, "peak": peak},
+        "device_memory_bytes": bound["device_memory_bytes"], "device_memory_source": bound["device_memory_source"],
+        "lower_bound_bytes": sum(bound["lower_bound_bytes"].values()),
+        "tokens_per_step": cfg.tokens_per_step,
+        "flops_per_step": {"compiled": cost.get("flops", float("nan")) * n_devices if cost else None,
+                           "model_6n_plus_attention": model_flops},
+        "peak_flops": peak_flops, "peak_flops_source": peak_source, "at_mfu": STATED_MFU,
+        "step_seconds": step_s, "hours_to_max_iters": step_s * cfg.train.max_iters / 3600 if step_s else None,
+    }
+    if not report["fits"] and remedies:
+        report["remedies"] = _compiled_remedies(cfg, mesh, peak, bound["device_memory_bytes"])
+    return report
+
+
+def _compiled_remedies(cfg: Config, mesh, peak: int, memory: int) -> list[str]:
+    """Each remedy compiled and measured like the plan itself: only those that bring the peak under memory."""
+    options = []
+    if cfg.model.remat != "full":
+        options.append(("--remat=full", dataclasses.replace(cfg.model, remat="full"), cfg.data, cfg.optim))
+    if cfg.data.batch_size % 2 == 0:
+        options.append((f"--batch_size={cfg.data.batch_size // 2} --gradient_accumulation_steps="
+                        f"{2 * cfg.optim.gradient_accumulation_steps}", cfg.model,
+                        dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // 2),
+                        dataclasses.replace(cfg.optim, gradient_accumulation_steps=2 * cfg.optim.gradient_accumulation_steps)))
+    found = []
+    for flags, model_cfg, data_cfg, optim_cfg in options:
+        other = dataclasses.replace(cfg, model=model_cfg, data=data_cfg, optim=optim_cfg)
+        try:
+            other_peak = compiled_plan(other, mesh, remedies=False)["bytes_per_device"]["peak"]
+        except DoesNotFit:
+            continue
+        found.append(f"{flags}: peak {other_peak / GiB:.2f} GiB per device"
+                     + (" (fits)" if other_peak <= memory else f" (still {other_peak / GiB - memory / GiB:.2f} GiB over)"))
+    return found

@@ -1,0 +1,169 @@
+"""Mutation score of the core modules: `python -m tests.mutation [--jobs 2] [--only optim,config]`.
+
+Each mutant (one operator, comparison, number, boolean ... changed in one place by cosmic-ray) is tested
+by the fast tests that import the module, in a fresh Python process (XLA's threads do not survive fork).
+A mutant is killed when those tests fail or time out. Prints one JSON object: per target, the mutants
+tried, killed, judged equivalent (EQUIVALENT below, each with its reason) and the score
+killed / (tried - equivalent); the diffs of the survivors go to OUT/survivors.txt.
+
+Not part of CI (it takes about an hour on 2 cores); needs `pip install -e .[mutation]`.
+
+What is mutated: only the named functions of each module (the core the issue names: the optimizer, the
+sampling filters, the batch source, the loss and train step, the config resolution and validation), and
+not the operator replacements that can only raise TypeError on the float and array code here (shifts,
+xor, power, modulo, `is`, `~`, `not` on numbers) nor cosmic-ray's variable replacer/inserter: any test
+that runs the line kills those, and they would double the run. cosmic-ray does not mutate strings, so
+no message-string mutant is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers import REPO
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str                    # path of the mutated file, relative to the repository
+    functions: frozenset[str]      # the definitions mutated (cosmic-ray's definition_name); empty = all
+    tests: str                     # pytest arguments: the fast tests that cover them
+
+
+TARGETS = {
+    "optim": Target("gpt/optim.py", frozenset(), "tests/test_optim.py"),
+    "sampling_filters": Target("gpt/sampling.py", frozenset({"filter_logits", "sample_logits", "sample"}),
+                               "tests/test_sampling.py -k 'top_k or top_p or empirical or rules'"),
+    "batch_source": Target("gpt/data.py", frozenset({"batch_offsets", "get_batch", "_load", "train", "eval"}),
+                           "tests/test_tokenizer_data.py tests/test_train.py"),
+    "loss_and_step": Target("gpt/steps.py", frozenset({"loss_fn", "make_train_step", "train_step", "micro_step"}),
+                            "tests/test_train.py tests/test_optim.py"),
+    "config": Target("gpt/config.py", frozenset({
+        "_parse_value", "_apply", "_check_finite", "read_args", "load_preset", "apply_layers", "validate",
+        "validate_sample", "resolve", "tokens_per_step", "padded_vocab_size"}),
+        "tests/test_inputs.py tests/test_presets.py tests/test_optim.py -k 'not (adamw or clip or train_step or decay)'"),
+}
+
+# Operator replacements left out (see the docstring): they only produce TypeErrors on this code.
+EXCLUDED_OPERATORS = re.compile(r"_(Mod|Pow|RShift|LShift|BitXor|Is|IsNot|Invert|Not)$|Variable(Replacer|Inserter)")
+
+# Surviving mutants judged equivalent: (module, original line stripped, column, operator) -> why.
+EQUIVALENT: dict[tuple[str, str, int, str], str] = {}
+
+# What the work copies need: the library, its tests and presets, and the README some tests read.
+COPIED = ("gpt", "tests", "configs", "pyproject.toml", "README.md", "train.py", "sample.py")
+
+
+def make_copy(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    return root
+
+
+def cosmic_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run([sys.executable, "-m", "cosmic_ray.cli", *args], cwd=cwd, env=env, check=True,
+                          capture_output=True, text=True)
+
+
+def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    test_command = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {target.tests}"
+    config = out / f"{name}.toml"
+    config.write_text(f'[cosmic-ray]\nmodule-path = "{target.module}"\ntimeout = {timeout}\n'
+                      f'excluded-modules = []\ntest-command = {json.dumps(test_command)}\n'
+                      '[cosmic-ray.distributor]\nname = "local"\n')
+    session = out / f"{name}.sqlite"
+    session.unlink(missing_ok=True)
+    baseline = subprocess.run(shlex.split(test_command), cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)},
+                              capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{name}: the unmutated tests fail:\n{baseline.stdout[-2000:]}")
+    cosmic_ray("init", str(config), str(session), cwd=copy)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        skipped = [item.job_id for item in db.work_items
+                   if any(EXCLUDED_OPERATORS.search(m.operator_name)
+                          or (target.functions and m.definition_name not in target.functions)
+                          for m in item.mutations)]
+        db.set_multiple_results(skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    start = time.time()
+    cosmic_ray("exec", str(config), str(session), cwd=copy)
+    return summarise(name, target, session, copy, time.time() - start)
+
+
+def summarise(name: str, target: Target, session: Path, copy: Path, seconds: float) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    lines = (copy / target.module).read_text().splitlines()
+    killed, survivors, equivalent, incompetent = 0, [], [], 0
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome == WorkerOutcome.SKIPPED:
+                continue
+            m = item.mutations[0]
+            if result.test_outcome == TestOutcome.INCOMPETENT:
+                incompetent += 1
+            elif result.test_outcome == TestOutcome.KILLED:
+                killed += 1
+            else:
+                key = (target.module, lines[m.start_pos[0] - 1].strip(), m.start_pos[1], m.operator_name)
+                entry = {"line": m.start_pos[0], "column": m.start_pos[1], "operator": m.operator_name,
+                         "function": m.definition_name, "diff": result.diff}
+                (equivalent if key in EQUIVALENT else survivors).append(
+                    {**entry, "reason": EQUIVALENT[key]} if key in EQUIVALENT else entry)
+    tried = killed + len(survivors) + len(equivalent)
+    return {"target": name, "module": target.module, "tests": target.tests, "tried": tried, "killed": killed,
+            "equivalent": len(equivalent), "survived": len(survivors), "incompetent": incompetent,
+            "score": round(killed / max(tried - len(equivalent), 1), 4), "seconds": round(seconds),
+            "survivors": survivors, "equivalent_mutants": equivalent}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets: {', '.join(TARGETS)}")
+    parser.add_argument("--jobs", type=int, default=2, help="targets run at once, each in its own copy")
+    parser.add_argument("--out", default="mutation-report", help="directory for sessions and the report")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a mutant's tests count as hung")
+    args = parser.parse_args()
+    names = args.only.split(",")
+    if unknown := set(names) - set(TARGETS):
+        parser.error(f"unknown target(s) {sorted(unknown)}: use {', '.join(TARGETS)}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        def one(name: str) -> dict:
+            return run_target(name, TARGETS[name], make_copy(Path(tmp) / name), out, args.timeout)
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(one, names))
+    with open(out / "survivors.txt", "w") as f:
+        for r in results:
+            for s in r["survivors"]:
+                f.write(f"== {r['module']}:{s['line']}:{s['column']} {s['operator']} in {s['function']}\n{s['diff']}\n")
+    (out / "report.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({r["target"]: {k: r[k] for k in ("module", "tried", "killed", "equivalent", "survived",
+                                                       "score", "seconds")} for r in results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
