@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from gpt.config import Config, ConfigError, help_text, parse_args
+from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse_args
 
 TRAIN_USAGE = "usage: python train.py [preset] [--key=value ...]"
 
@@ -32,6 +32,7 @@ def run_train(argv: list[str]) -> int:
 def guarded(body) -> int:
     """body()'s exit code, or the one-line error and exit code of what stopped it."""
     from gpt.checkpoint import SaveError
+    from gpt.data import PrepareError
     from gpt.plan import DoesNotFit
 
     try:
@@ -40,7 +41,7 @@ def guarded(body) -> int:
         return _fail(str(e), 2)
     except DoesNotFit as e:
         return _fail(str(e), 3)
-    except (FloatingPointError, SaveError) as e:  # the run stopped; what was saved before is intact
+    except (FloatingPointError, SaveError, PrepareError) as e:  # stopped; what was saved before is intact
         return _fail(str(e), 1)
     except KeyboardInterrupt:  # before training started (while preparing data or compiling)
         return _fail("interrupted before training started", 130)
@@ -215,16 +216,17 @@ def run_prepare(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(DataConfig(), PREPARE_USAGE))
         return 0
-    try:
+    def prepare() -> int:
+        from gpt.data import prepare
+
         data = parse_args(DataConfig(), argv, allow_preset=False)
         if data.tokenizer not in ("byte", "gpt2"):
             raise ConfigError(f"tokenizer={data.tokenizer!r}: use byte or gpt2")
-        from gpt.data import prepare
-
+        check_writable_dir("data_dir", data.data_dir)
         print(prepare(data))
-    except ConfigError as e:
-        return _fail(str(e), 2)
-    return 0
+        return 0
+
+    return guarded(prepare)
 
 
 EXPORT_USAGE = "usage: python -m gpt.cli export --out_dir=RUN [--step=N] --to=DIR"
@@ -249,6 +251,7 @@ def run_export(argv: list[str]) -> int:
             step = int(opts.get("step", -1))
         except ValueError:
             raise ConfigError(f"step={opts['step']!r} is not a valid int") from None
+        check_writable_dir("to", opts["to"])
         cfg, params, _, restored = load_params(opts["out_dir"], step, MeshConfig())
         print(f"wrote step {restored} of {opts['out_dir']} to {save_hf(cfg, params, opts['to'])}")
     except ConfigError as e:

@@ -12,6 +12,7 @@ import difflib
 import importlib.resources
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,6 +385,16 @@ def validate_sample(s: SampleConfig) -> None:
         raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
     if s.start == "" and not s.prompts:
         raise ConfigError("start='': the prompt is empty; give at least one character")
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """Create the directory the key names if needed; one line if that fails or it cannot be written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path!r}: cannot create that directory ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path!r}: that directory is not writable")
 
 
 def apply_layers(obj: Any, layers: list[tuple[str, dict[str, Any]]]) -> Any:

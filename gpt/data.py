@@ -76,6 +76,10 @@ def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
     return len(files), ((f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files)
 
 
+class PrepareError(Exception):
+    """Writing a prepared corpus failed (an OS error); the message is one line, and nothing half-written is left."""
+
+
 def dataset_dir(data: DataConfig) -> Path:
     name = data.dataset if data.dataset in BUILTIN_CORPORA else Path(data.dataset).resolve().stem
     return Path(data.data_dir) / f"{name}-{data.tokenizer}"
@@ -90,6 +94,7 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
     tok = get_tokenizer(data.tokenizer)
     dtype = token_dtype(tok.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _warn_if_short_of_space(data, out.parent, dtype.itemsize)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         # Stream every document's tokens to one file (memory stays one document deep), then move the last
@@ -114,14 +119,29 @@ def prepare(data: DataConfig, quiet: bool = False) -> Path:
                 "documents": n_docs, "train_tokens": n_tokens - n_val, "val_tokens": n_val, "max_token": max_token}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(tmp, out)  # atomic: readers see either no corpus or a whole one
-    except (OSError, ConfigError):
+    except (OSError, ConfigError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "meta.json").is_file():  # another process may have won the race; that is fine
+        if (out / "meta.json").is_file():  # another process won the race to prepare it: that is fine
+            meta = load_meta(out)
+        elif isinstance(e, OSError):  # a full disk, a vanished directory: say so, leave nothing half-written
+            raise PrepareError(f"preparing dataset={data.dataset!r} into {out} failed: {e.strerror or e}"
+                               f"{f' ({e.filename})' if e.filename else ''}; nothing was kept") from None
+        else:
             raise
-        meta = load_meta(out)
     if not quiet:
         print(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
     return out
+
+
+def _warn_if_short_of_space(data: DataConfig, where: Path, token_bytes: int) -> None:
+    """Warn when the disk holds less than the corpus could need: at most one token per byte of text."""
+    if data.dataset in BUILTIN_CORPORA:
+        return
+    need = sum(f.stat().st_size for f in corpus_files(data.dataset)) * token_bytes
+    free = shutil.disk_usage(where).free
+    if free < need:
+        print(f"warning: {where} has {free / 2**20:,.1f} MiB free; the prepared corpus may need up to "
+              f"{need / 2**20:,.1f} MiB", file=sys.stderr)
 
 
 def load_meta(directory: Path) -> dict:

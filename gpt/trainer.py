@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gpt import checkpoint, data, metrics, sharding
-from gpt.config import Config, ConfigError, apply_layers, read_args, resolve, validate
+from gpt.config import Config, ConfigError, apply_layers, check_writable_dir, read_args, resolve, validate
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.runlock import RunLock
 from gpt.steps import TrainState, build, jit_train_step, make_eval_step
@@ -70,22 +70,12 @@ def prepare_run(argv: list[str]) -> Config:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
     validate(cfg)
-    _check_writable_dir("out_dir", cfg.train.out_dir)
+    check_writable_dir("out_dir", cfg.train.out_dir)
     if not (data.dataset_dir(cfg.data) / "meta.json").is_file():  # the corpus will be prepared there
         if cfg.data.dataset not in data.BUILTIN_CORPORA:
             data.corpus_files(cfg.data.dataset)
-        _check_writable_dir("data_dir", cfg.data.data_dir)
+        check_writable_dir("data_dir", cfg.data.data_dir)
     return resolve(cfg)
-
-
-def _check_writable_dir(key: str, path: str) -> None:
-    """Create the directory if needed; one line if that fails or it cannot be written."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}={path!r}: cannot create that directory ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path!r}: that directory is not writable")
 
 
 class StopFlag:

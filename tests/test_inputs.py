@@ -78,3 +78,14 @@ def test_prompt_files_that_are_not_utf8_or_not_json_name_the_problem(cli, tmp_pa
     (tmp_path / "n.jsonl").write_text('"fine"\n42\n')
     line = _one_error_line(cli("sample.py", f"--out_dir={tmp_path}", f"--prompts={tmp_path / 'n.jsonl'}"))
     assert "line 2 is not a non-empty JSON string" in line
+
+
+@pytest.mark.parametrize("command", ["prepare", "export"])
+def test_directories_the_other_commands_write_are_checked_first(command, tmp_path, capsys):
+    from gpt import cli
+
+    argv = (["prepare", "--data_dir=/proc/gpt-test"] if command == "prepare"
+            else ["export", f"--out_dir={tmp_path}", "--to=/proc/gpt-test"])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/proc/gpt-test" in err[0] and "cannot create that directory" in err[0]

@@ -43,6 +43,8 @@ def nanogpt_lr(it: int, o: OptimConfig) -> float:
         return o.learning_rate
     if it > o.lr_decay_iters:
         return o.min_lr
+    if o.lr_decay_iters == o.warmup_iters:  # nanoGPT divides by zero here; the peak holds for that one step
+        return o.learning_rate
     decay_ratio = (it - o.warmup_iters) / (o.lr_decay_iters - o.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
     return o.min_lr + coeff * (o.learning_rate - o.min_lr)
@@ -149,6 +151,8 @@ SCHEDULE_CONFIGS = {
                                           max_iters=300),
     "no_warmup": lambda: hand_made(learning_rate=3e-3, warmup_iters=0, lr_decay_iters=50, min_lr=0),
     "one_step_warmup": lambda: hand_made(learning_rate=1e-3, warmup_iters=1, lr_decay_iters=20),
+    "decay_ends_at_warmup": lambda: hand_made(learning_rate=1e-3, warmup_iters=10, lr_decay_iters=10, min_lr=1e-4),
+    "one_step_decay": lambda: hand_made(learning_rate=1e-3, warmup_iters=10, lr_decay_iters=11, min_lr=1e-4),
     "decay_lr_off": lambda: hand_made(learning_rate=1e-3, warmup_iters=10, decay_lr=False),
     "decay_lr_off_defaults": lambda: hand_made(decay_lr=False),
 }

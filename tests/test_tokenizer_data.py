@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt import data
-from gpt.config import ConfigError, DataConfig
+from gpt.config import ConfigError, DataConfig, load_config
 from gpt.tokenizer import get_tokenizer
 
 
@@ -66,3 +66,82 @@ def test_batches_are_a_pure_function_of_seed_stream_and_step(data_dir):
     assert x.shape == y.shape == (2, 8, 32) and x.dtype == np.int32
     np.testing.assert_array_equal(x[..., 1:], y[..., :-1])  # targets are inputs shifted by one
     np.testing.assert_array_equal(x[0, 3], tokens[a[0, 3]: a[0, 3] + 32])
+
+
+def test_offsets_cover_exactly_the_windows_that_fit():
+    # A window is block_size + 1 tokens (inputs and the next-token targets): in 10 tokens, 8-token windows
+    # start at 0, 1 or 2, and every one of those is drawn.
+    draws = data.batch_offsets(0, "train", 0, (2000,), n_tokens=10, block_size=7)
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert data.batch_offsets(0, "train", 0, (5,), n_tokens=8, block_size=7).tolist() == [0] * 5
+    with pytest.raises(ConfigError, match="block_size=7 needs more than 7 tokens"):
+        data.batch_offsets(0, "train", 0, (1,), n_tokens=7, block_size=7)
+
+
+def test_windows_are_slices_of_the_tokens():
+    tokens = np.arange(1000, 1100)
+    offsets = np.array([[0, 5, 17], [63, 2, 40]])
+    x, y = data.get_batch(tokens, offsets, 33)  # an odd block_size: block_size + 1 is not block_size | 1
+    for i, j in np.ndindex(offsets.shape):
+        np.testing.assert_array_equal(x[i, j], tokens[offsets[i, j]: offsets[i, j] + 33])
+        np.testing.assert_array_equal(y[i, j], tokens[offsets[i, j] + 1: offsets[i, j] + 34])
+
+
+def test_batches_read_their_split_into_the_batch_sharding(tmp_path):
+    """train() and eval("train") read the train split, eval("val") the val split (told apart by their
+    token values), at the offsets batch_offsets gives, laid out as sharding.batch_sharding says."""
+    import json
+
+    import jax
+
+    from gpt import sharding
+
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    np.arange(0, 1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(5000, 5600, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    cfg = load_config(["--block_size=8", "--batch_size=4", "--gradient_accumulation_steps=3", "--seed=5"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    batches = data.Batches(cfg, tmp_path, mesh)
+    x, y = batches.train(7)
+    assert x.shape == y.shape == (3, 4, 8) and x.sharding.spec == sharding.batch_sharding(mesh, 1).spec
+    np.testing.assert_array_equal(np.asarray(x)[..., 0], data.batch_offsets(5, "train", 7, (3, 4), 1000, 8))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) + 1)
+    for split, low, high in (("train", 0, 1000), ("val", 5000, 5600)):
+        ex, ey = batches.eval(split, 2)
+        assert ex.shape == (4, 8) and ex.sharding.spec == sharding.batch_sharding(mesh, 0).spec
+        assert low <= int(jax.numpy.min(ex)) and int(jax.numpy.max(ey)) < high
+        np.testing.assert_array_equal(np.asarray(ex)[:, 0] - low,
+                                      data.batch_offsets(5, f"eval_{split}", 2, (4,), high - low, 8))
+
+
+def test_a_disk_that_fills_while_preparing_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    from gpt import cli
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("To be, or not to be, that is the question. " * 200)
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "val.bin"))
+
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk)  # the copy of the val split hits the full disk
+    code = cli.run_prepare([f"--dataset={tmp_path / 'corpus'}", f"--data_dir={tmp_path / 'data'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: preparing dataset=") and "No space left on device" in err[-1]
+    assert "Traceback" not in "\n".join(err) and "nothing was kept" in err[-1]
+    assert list((tmp_path / "data").iterdir()) == []  # neither a half corpus nor its temporary directory
+    monkeypatch.undo()
+    assert cli.run_prepare([f"--dataset={tmp_path / 'corpus'}", f"--data_dir={tmp_path / 'data'}"]) == 0
+
+
+def test_short_of_space_for_a_corpus_is_a_warning(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    (tmp_path / "a.txt").write_text("x" * 5000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    data.prepare(DataConfig(dataset=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data")), quiet=True)
+    assert "warning:" in capsys.readouterr().err  # 1000 bytes free < 5000 bytes of text as uint8 tokens
