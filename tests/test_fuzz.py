@@ -144,6 +144,7 @@ def _real_run(which: str, args: list[str], cwd, timeout: int):
                           timeout=timeout, cwd=cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["train", "sample"])
 def test_a_sample_of_accepted_values_runs_for_real(which, request, base, run_dir):
     """Accepted values go on through the real CLI: one training step, or four sampled tokens."""

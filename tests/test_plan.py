@@ -103,6 +103,7 @@ print(json.dumps({"baseline": baseline, "predicted": predicted,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [["--n_layer=8", "--n_embd=768", "--n_head=12"],
                                    ["--n_layer=4", "--n_embd=1024", "--n_head=16"]])
 def test_predicted_peak_is_within_a_quarter_of_the_measured_rss(shape, tmp_path, data_dir):
