@@ -49,6 +49,25 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_cfg):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_is_on_in_the_train_step_exactly_when_asked(tiny_cfg):
+    """The train step's loss equals the deterministic (eval) loss on the same weights and batch when
+    dropout=0, and differs when dropout>0; the step says whether the update was finite as a boolean."""
+    from gpt.steps import make_eval_step
+
+    x = jax.random.randint(jax.random.key(1), (1, 8, 33), 0, 256)
+    batch = (x[..., :-1], x[..., 1:])
+    for dropout in (0.0, 0.3):
+        cfg = tiny_cfg(f"--dropout={dropout}")
+        model, tx, _, state = init_state(cfg)
+        eval_loss = float(jax.jit(make_eval_step(model))(state.params, (batch[0][0], batch[1][0])))
+        _, metrics = jax.jit(make_train_step(model, tx, cfg))(state, batch)
+        assert metrics["finite"].dtype == jnp.bool_ and bool(metrics["finite"])
+        if dropout == 0.0:
+            assert abs(float(metrics["loss"]) - eval_loss) < 1e-6
+        else:
+            assert abs(float(metrics["loss"]) - eval_loss) > 1e-3
+
+
 def test_schedule_warms_up_then_decays_to_min_lr(tiny_cfg):
     o = tiny_cfg("--learning_rate=1e-3", "--warmup_iters=10", "--lr_decay_iters=100", "--min_lr=1e-4").optim
     lr = lr_schedule(o)
