@@ -54,6 +54,8 @@ class ModelConfig:
                                  "XLA otherwise), xla, or cudnn")
     remat: str = opt("none", "recompute block activations in the backward pass: none, full, dots_saveable, "
                              "dots_with_no_batch_dims_saveable, minimal (keep attention output and MLP input)")
+    loss_chunk: int = opt(0, "compute the LM head and cross-entropy this many positions at a time (a divisor of "
+                             "block_size), so the [batch, T, vocab] logits are never held whole; 0 = all at once")
 
     @property
     def compute_dtype(self) -> str:
@@ -67,6 +69,10 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         """Vocabulary rounded up to a multiple of 128 so it shards evenly (nanoGPT's 50304)."""
         return -(-self.vocab_size // 128) * 128
+
+
+# The ModelConfig keys that shape the parameters: fixed for a checkpoint (the others say how it computes).
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 
 @dataclass
@@ -322,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"attention={m.attention!r}: use auto, xla or cudnn")
     if m.remat not in REMAT_CHOICES:
         raise ConfigError(f"remat={m.remat!r}: use {', '.join(REMAT_CHOICES)}")
+    if m.loss_chunk < 0 or (m.loss_chunk and m.block_size % m.loss_chunk):
+        raise ConfigError(f"loss_chunk={m.loss_chunk}: must be 0 or a divisor of block_size={m.block_size}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):

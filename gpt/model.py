@@ -163,8 +163,9 @@ class GPT(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, idx, positions=None, mask=None, cache=None, cache_index=0, deterministic=True):
-        """Logits [B, T, padded_vocab] (float32) for token ids idx [B, T], and the updated cache.
+    def __call__(self, idx, positions=None, mask=None, cache=None, cache_index=0, deterministic=True, head=True):
+        """Logits [B, T, padded_vocab] (float32) for token ids idx [B, T], and the updated cache; with
+        head=False the final hidden states [B, T, n_embd] instead (for lm_head applied in chunks).
 
         positions: [B, T] position ids (default 0..T-1). mask: [B, 1, T, S] boolean attention mask; None means
         plain causal attention over idx itself. cache: per-layer (k, v) from init_cache, written at cache_index.
@@ -187,10 +188,16 @@ class GPT(nn.Module):
                 x, mask, None if cache is None else cache[i], cache_index, deterministic)
             new_cache.append(layer_cache)
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = wte.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)  # LM head tied to the token embedding
-        # Padding rows of the vocabulary are never predicted: the loss and the samplers see the true vocabulary.
-        logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
-        return logits, (tuple(new_cache) if cache is not None else None)
+        new_cache = tuple(new_cache) if cache is not None else None
+        return (lm_head(cfg, wte.embedding, x) if head else x), new_cache
+
+
+def lm_head(cfg: ModelConfig, embedding, x):
+    """Logits (float32) from final hidden states x [..., n_embd]: the head tied to the token embedding. The
+    vocabulary's padding rows are never predicted: the loss and the samplers see the true vocabulary."""
+    dtype = cfg.compute_dtype
+    logits = jnp.dot(x.astype(dtype), embedding.astype(dtype).T).astype(jnp.float32)
+    return jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:

@@ -17,7 +17,7 @@ import optax
 
 from gpt import sharding
 from gpt.config import Config
-from gpt.model import GPT, init_params
+from gpt.model import GPT, init_params, lm_head
 from gpt.optim import apply_updates, lr_schedule, make_optimizer
 
 
@@ -29,9 +29,28 @@ class TrainState:
 
 
 def loss_fn(params, model: GPT, x, y, dropout_key, deterministic: bool):
+    """Mean next-token cross-entropy of token ids x [B, T] against targets y [B, T]."""
     rngs = {} if deterministic else {"dropout": dropout_key}
-    logits, _ = model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    chunk = model.cfg.loss_chunk
+    out, _ = model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs, head=not chunk)
+    if chunk:
+        return chunked_cross_entropy(model.cfg, params["wte"]["embedding"], out, y, chunk)
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+
+def chunked_cross_entropy(cfg, embedding, h_BTD, y_BT, chunk: int):
+    """The LM head and cross-entropy `chunk` positions at a time: each chunk's [B, chunk, vocab] logits are
+    made and consumed in one step of a scan, and recomputed (jax.checkpoint) in the backward pass instead of
+    kept, so the [B, T, vocab] float32 logits never exist whole. Equal to the unchunked mean."""
+    b, t, d = h_BTD.shape
+    h_NBCD = h_BTD.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
+    y_NBC = y_BT.reshape(b, t // chunk, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h_BCD, y_BC):
+        return optax.softmax_cross_entropy_with_integer_labels(lm_head(cfg, embedding, h_BCD), y_BC).sum()
+
+    return jax.lax.map(lambda hy: chunk_loss(*hy), (h_NBCD, y_NBC)).sum() / (b * t)
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config):

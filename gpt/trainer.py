@@ -24,7 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gpt import checkpoint, data, metrics, sharding
-from gpt.config import Config, ConfigError, apply_layers, check_writable_dir, read_args, resolve, validate
+from gpt.config import (ARCHITECTURE_KEYS, Config, ConfigError, apply_layers, check_writable_dir, read_args, resolve,
+                        validate)
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.runlock import RunLock
 from gpt.steps import TrainState, build, jit_train_step, make_eval_step
@@ -46,7 +47,8 @@ def prepare_run(argv: list[str]) -> Config:
         if not has_checkpoints or not (out / "config.json").is_file():
             raise ConfigError(f"no checkpoint to resume in {out}/checkpoints: train one first with --init_from=scratch")
         saved = Config.from_dict(json.loads((out / "config.json").read_text()))
-        for key, value in vars(saved.model).items():
+        for key in ARCHITECTURE_KEYS:  # how the run computes (dtype, remat, attention, ...) may change
+            value = getattr(saved.model, key)
             if key in asked and getattr(cfg.model, key) != value:
                 raise ConfigError(f"{out} holds a model with {key}={value}, but {key}={getattr(cfg.model, key)} "
                                   "was asked; use another --out_dir or drop the override")
@@ -56,7 +58,7 @@ def prepare_run(argv: list[str]) -> Config:
         from gpt.hf import hf_model_config
 
         hf = hf_model_config(Path(cfg.train.init_from))
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"):
+        for key in ARCHITECTURE_KEYS:
             if key in asked and getattr(cfg.model, key) != getattr(hf, key):
                 raise ConfigError(f"init_from={cfg.train.init_from} is a model with {key}={getattr(hf, key)}, "
                                   f"but {key}={getattr(cfg.model, key)} was asked")

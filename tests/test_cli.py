@@ -105,6 +105,11 @@ def test_train_then_sample_end_to_end(cli, data_dir, tmp_path):
     # A resumed run with a different architecture is refused.
     r = cli("train.py", f"--out_dir={out}", "--init_from=resume", "--n_layer=3")
     assert r.returncode == 2 and "holds a model with n_layer=2" in r.stderr
+    # How it computes may change on resume: remat, the loss chunk, the dtype.
+    from gpt.trainer import prepare_run
+
+    cfg = prepare_run([f"--out_dir={out}", "--init_from=resume", "--remat=full", "--loss_chunk=8", "--dtype=float32"])
+    assert (cfg.model.remat, cfg.model.loss_chunk, cfg.model.n_layer) == ("full", 8, 2)
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("ROMEO:\n")

@@ -33,6 +33,29 @@ def test_every_remat_policy_gives_the_same_loss_and_gradients():
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.parametrize("chunk", [0, 1, 4, 16])
+def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(chunk):
+    """steps.loss_fn with loss_chunk (the LM head and loss a chunk of positions at a time, recomputed in the
+    backward pass) against the whole-sequence log-softmax above, padded vocabulary (200 -> 256) included."""
+    from gpt.steps import loss_fn
+
+    params = nn.unbox(init_params(CFG, jax.random.key(0)))
+    idx = jax.random.randint(jax.random.key(1), (2, CFG.block_size + 1), 0, CFG.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(CFG, params, idx)
+    model = GPT(ModelConfig(**{**vars(CFG), "loss_chunk": chunk}))
+    loss, grads = jax.value_and_grad(loss_fn)(params, model, idx[:, :-1], idx[:, 1:], None, True)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=f"chunk {chunk} {jax.tree_util.keystr(path)}")
+
+
+def test_a_loss_chunk_that_does_not_divide_the_context_is_refused():
+    from gpt.config import load_config
+
+    with pytest.raises(ConfigError, match="loss_chunk=48: must be 0 or a divisor of block_size=128"):
+        load_config(["--loss_chunk=48"])
+
+
 def test_every_remat_choice_has_a_policy():
     assert ("none", *REMAT_POLICIES) == REMAT_CHOICES
 
