@@ -16,12 +16,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import queue
 import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -221,3 +224,46 @@ class Batches:
     def eval(self, split: str, i: int):
         """The i-th fixed evaluation batch of split ("train" or "val")."""
         return self._load(f"eval_{split}", i, (self.cfg.data.batch_size,))
+
+
+class Prefetch:
+    """The batches of steps start, start + 1, ... made by a background thread up to `depth` steps ahead of
+    the loop, so reading and transferring the next batches overlap the current step (and the loop's own
+    waits at log steps). `wait_s` is the time the loop spent waiting for a batch: > 0 means data-bound."""
+
+    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.wait_s = 0.0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(make, start, stop), daemon=True,
+                                        name="batch-prefetch")
+        self._thread.start()
+
+    def _produce(self, make, start: int, stop: int) -> None:
+        for step in range(start, stop):
+            try:
+                item = (step, make(step), None)
+            except Exception as e:  # raised in the loop, at the step that needed this batch
+                item = (step, None, e)
+            while not self._closed.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None or self._closed.is_set():
+                return
+
+    def get(self, step: int):
+        t0 = time.perf_counter()
+        made_for, batch, error = self.queue.get()
+        self.wait_s += time.perf_counter() - t0
+        if error is not None:
+            raise error
+        if made_for != step:
+            raise RuntimeError(f"prefetch made the batch of step {made_for}, but step {step} asked for it")
+        return batch
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()

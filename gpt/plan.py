@@ -146,7 +146,9 @@ def compiled_plan(cfg: Config, mesh, remedies: bool = True) -> dict:
         "device_memory_bytes": bound["device_memory_bytes"], "device_memory_source": bound["device_memory_source"],
         "lower_bound_bytes": sum(bound["lower_bound_bytes"].values()),
         "tokens_per_step": cfg.tokens_per_step,
-        "flops_per_step": {"compiled": cost.get("flops", float("nan")) * n_devices if cost else None,
+        # XLA's cost analysis counts a loop body once: with gradient accumulation (a scan over micro-steps) or
+        # loss_chunk it reports one micro-step's or one chunk's FLOPs, not the step's.
+        "flops_per_step": {"xla_cost_analysis": cost.get("flops", float("nan")) * n_devices if cost else None,
                            "model_6n_plus_attention": model_flops},
         "peak_flops": peak_flops, "peak_flops_source": peak_source, "at_mfu": STATED_MFU,
         "step_seconds": step_s, "hours_to_max_iters": step_s * cfg.train.max_iters / 3600 if step_s else None,

@@ -264,11 +264,13 @@ class Run:
         log.say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
         stop = StopFlag()
+        prefetch = data.Prefetch(self.batches.train, start_step, t.max_iters)
         last: dict = {}
         pending: list = []  # (step, device metrics) since the last log row: fetched together, so steps pipeline
         skipped = 0
         try:
             timer, timed_steps, run_start, last_save = time.perf_counter(), 0, time.perf_counter(), time.monotonic()
+            waited = 0.0  # prefetch.wait_s when the timer started
             for step in range(start_step, t.max_iters):
                 if step % t.eval_interval == 0 and (step != start_step or step == 0):
                     last = {"step": step, **self.evaluate(state.params)}
@@ -282,9 +284,9 @@ class Run:
                     log.say(f"{stop.signal or 'stop'}: saved checkpoint at step {step}; resume with --init_from=resume")
                     return last
                 if step % t.eval_interval == 0 or step % t.checkpoint_interval == 0:
-                    timer, timed_steps = time.perf_counter(), 0  # throughput counts training steps only
+                    timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s  # training steps only
 
-                state, step_metrics = compiled(state, self.batches.train(step))
+                state, step_metrics = compiled(state, prefetch.get(step))
                 pending.append((step, step_metrics))
                 timed_steps += 1
                 if step % t.log_interval == 0 or step == t.max_iters - 1:
@@ -303,13 +305,14 @@ class Run:
                     tok_s = timed_steps * cfg.tokens_per_step / elapsed
                     mfu = self.mfu(timed_steps * self.flops_per_step / elapsed)
                     last = {"step": step, **values, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped,
+                            "data_wait_s": (prefetch.wait_s - waited) / timed_steps,
                             "peak_memory_bytes": metrics.peak_memory()}
                     log.row(**last)
                     eta = (t.max_iters - step - 1) * cfg.tokens_per_step / tok_s
                     log.say(f"step {step:>6} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                             f"grad {values['grad_norm']:.2f} | {tok_s:,.0f} tok/s | "
                             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {_fmt_time(eta)}")
-                    timer, timed_steps = time.perf_counter(), 0
+                    timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s
 
             final = {"step": t.max_iters, **self.evaluate(state.params)}
             log.row(**final)
@@ -318,6 +321,7 @@ class Run:
             self.save(state, t.max_iters)
             return {**last, **final}
         finally:
+            prefetch.close()
             # Wait for the last async save while our handlers still hold SIGINT/SIGTERM: a Ctrl-C now only sets
             # the flag instead of cutting orbax's finalisation short.
             try:

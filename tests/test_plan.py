@@ -66,7 +66,7 @@ def test_dry_run_reports_the_compiled_step_and_writes_plan_json(tmp_path, data_d
     assert bytes_["optimizer_state"] >= 2 * bytes_["parameters"]  # AdamW's two moments (+ a step count)
     assert bytes_["peak"] >= report["lower_bound_bytes"] - bytes_["parameters"]  # donated state is counted once
     flops = report["flops_per_step"]
-    assert 0.5 < flops["compiled"] / flops["model_6n_plus_attention"] < 2.0
+    assert 0.5 < flops["xla_cost_analysis"] / flops["model_6n_plus_attention"] < 2.0
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing saved
 
 

@@ -145,3 +145,38 @@ def test_short_of_space_for_a_corpus_is_a_warning(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
     data.prepare(DataConfig(dataset=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data")), quiet=True)
     assert "warning:" in capsys.readouterr().err  # 1000 bytes free < 5000 bytes of text as uint8 tokens
+
+
+def test_prefetch_hands_out_each_steps_batch_in_order_and_counts_the_wait():
+    import time
+
+    made = []
+
+    def make(step):
+        made.append(step)
+        time.sleep(0.05)  # a slow host: the loop waits for it
+        return ("batch", step)
+
+    prefetch = data.Prefetch(make, 3, 8, depth=2)
+    assert [prefetch.get(step) for step in range(3, 8)] == [("batch", s) for s in range(3, 8)]
+    assert made == list(range(3, 8)) and prefetch.wait_s > 0.1
+    prefetch.close()
+    with pytest.raises(RuntimeError, match="made the batch of step 0, but step 1 asked"):
+        data.Prefetch(lambda s: s, 0, 5).get(1)
+
+
+def test_prefetch_raises_the_producers_error_in_the_loop_and_closes_mid_stream():
+    def make(step):
+        if step == 2:
+            raise ConfigError("bad batch 2")
+        return step
+
+    prefetch = data.Prefetch(make, 0, 10)
+    assert prefetch.get(0) == 0 and prefetch.get(1) == 1
+    with pytest.raises(ConfigError, match="bad batch 2"):
+        prefetch.get(2)
+    prefetch.close()
+    endless = data.Prefetch(lambda s: s, 0, 10**9, depth=1)
+    endless.get(0)
+    endless.close()  # returns although the producer is blocked on a full queue
+    assert not endless._thread.is_alive()

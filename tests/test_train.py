@@ -120,7 +120,9 @@ def test_metrics_rows(data_dir, tmp_path):
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == [0, 3, 6, 7]
     for r in train:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r) and r["tokens_per_s"] > 0
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= set(r)
+        assert r["tokens_per_s"] > 0
+        assert 0 <= r["data_wait_s"] < 60
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 4, 8] and all("loss" not in r and "train_loss" in r for r in evals)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
