@@ -68,6 +68,21 @@ def test_dropout_is_on_in_the_train_step_exactly_when_asked(tiny_cfg):
             assert abs(float(metrics["loss"]) - eval_loss) > 1e-3
 
 
+def test_a_step_whose_gradient_norm_overflows_is_dropped_though_its_loss_is_finite(tiny_cfg):
+    """ln_f's scale at 1e20 makes logits (and a loss) of ~1e19, finite, and gradients whose squared norm
+    overflows float32: the update must not reach the parameters or the optimizer state."""
+    cfg = tiny_cfg()
+    model, tx, _, state = init_state(cfg)
+    params = {**state.params, "ln_f": {**state.params["ln_f"], "scale": jnp.full_like(state.params["ln_f"]["scale"], 1e20)}}
+    state = type(state)(state.step, params, state.opt_state)
+    x = jax.random.randint(jax.random.key(1), (1, 8, 33), 0, 256)
+    new, metrics = jax.jit(make_train_step(model, tx, cfg))(state, (x[..., :-1], x[..., 1:]))
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(new.step) == 1
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_schedule_warms_up_then_decays_to_min_lr(tiny_cfg):
     o = tiny_cfg("--learning_rate=1e-3", "--warmup_iters=10", "--lr_decay_iters=100", "--min_lr=1e-4").optim
     lr = lr_schedule(o)
