@@ -46,6 +46,11 @@ def check_layouts(meta: dict, model_cfg: ModelConfig, where: str, with_opt_state
     before layouts were recorded has layout 1 of both (they were introduced with those layouts)."""
     ours = layouts(model_cfg)
     theirs = {"model_layout": meta.get("model_layout", {"version": 1}), "opt_state_layout": meta.get("opt_state_layout", 1)}
+    scanned = theirs["model_layout"].get("scan_layers", False)
+    if {**theirs["model_layout"], "scan_layers": 0} == {**ours["model_layout"], "scan_layers": 0} and \
+            scanned != model_cfg.scan_layers:
+        raise ConfigError(f"{where} holds parameters in the {'stacked' if scanned else 'per-layer'} layout of "
+                          f"scan_layers={scanned}: run with --scan_layers={scanned} (layouts are not converted)")
     if theirs["model_layout"] != ours["model_layout"]:
         raise ConfigError(f"{where} holds parameters of model layout {theirs['model_layout']}, but this code builds "
                           f"{ours['model_layout']}: restore it with the version of this code that wrote it")

@@ -54,6 +54,8 @@ class ModelConfig:
                                  "XLA otherwise), xla, or cudnn")
     remat: str = opt("none", "recompute block activations in the backward pass: none, full, dots_saveable, "
                              "dots_with_no_batch_dims_saveable, minimal (keep attention output and MLP input)")
+    scan_layers: bool = opt(False, "run the blocks as one jax.lax.scan over stacked parameters: compile time "
+                                   "independent of depth (checkpoints keep the layout they were written in)")
     loss_chunk: int = opt(0, "compute the LM head and cross-entropy this many positions at a time (a divisor of "
                              "block_size), so the [batch, T, vocab] logits are never held whole; 0 = all at once")
 

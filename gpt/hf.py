@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt.config import ConfigError, ModelConfig
+from gpt.model import stack_layers, unstack_layers
 
 # Buffers some GPT-2 files carry that are not parameters (the causal mask).
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -50,8 +51,9 @@ def hf_model_config(directory: Path) -> ModelConfig:
                        bias=True, dropout=0.0)
 
 
-def from_hf(directory: str | Path) -> tuple[ModelConfig, dict]:
-    """(model config, parameters as nested numpy dicts) from a local HF GPT-2 directory."""
+def from_hf(directory: str | Path, scan_layers: bool = False) -> tuple[ModelConfig, dict]:
+    """(model config, parameters as nested arrays) from a local HF GPT-2 directory, in the per-layer layout
+    or, with scan_layers, the stacked one."""
     directory = Path(directory)
     cfg = hf_model_config(directory)
     sd = {k.removeprefix("transformer."): v for k, v in _read_state_dict(directory).items()
@@ -88,12 +90,14 @@ def from_hf(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise ConfigError(f"{directory}: lm_head.weight differs from wte.weight; only a tied LM head is supported")
     if sd:
         raise ConfigError(f"{directory}: unexpected weights {sorted(sd)[:5]}")
+    if scan_layers:
+        cfg.scan_layers, params = True, stack_layers(params, cfg.n_layer)
     return cfg, params
 
 
 def to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     """Our parameters as an HF GPT2LMHeadModel state dict ([in, out] Conv1D weights, packed q/k/v)."""
-    p = {k: v for k, v in params.items()}
+    p = unstack_layers(params, cfg.n_layer) if cfg.scan_layers else params
     c, v = cfg.n_embd, cfg.vocab_size
     a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
     sd = {"wte.weight": a(p["wte"]["embedding"])[:v], "wpe.weight": a(p["wpe"]["embedding"]),

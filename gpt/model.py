@@ -181,14 +181,21 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         block = Block
         if cfg.remat != "none":  # deterministic (argument 5, counting self) is a Python bool: static
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5,))
-        new_cache = []
-        for i in range(cfg.n_layer):
-            x, layer_cache = block(cfg, name=f"h_{i}")(
-                x, mask, None if cache is None else cache[i], cache_index, deterministic)
-            new_cache.append(layer_cache)
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5,),
+                             prevent_cse=not cfg.scan_layers)  # scan already keeps XLA from merging recomputes
+        if cfg.scan_layers:  # one block traced once, its parameters stacked on a leading "layers" axis
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_cache = stack(cfg, name="h")(x, mask, cache, cache_index, deterministic)
+        else:
+            new_cache = []
+            for i in range(cfg.n_layer):
+                x, layer_cache = block(cfg, name=f"h_{i}")(
+                    x, mask, None if cache is None else cache[i], cache_index, deterministic)
+                new_cache.append(layer_cache)
+            new_cache = tuple(new_cache) if cache is not None else None
         x = _layer_norm(cfg, "ln_f")(x)
-        new_cache = tuple(new_cache) if cache is not None else None
         return (lm_head(cfg, wte.embedding, x) if head else x), new_cache
 
 
@@ -201,9 +208,26 @@ def lm_head(cfg: ModelConfig, embedding, x):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-    """Per layer (k, v), each [batch, heads, length, head_dim]."""
+    """Per layer (k, v), each [batch, heads, length, head_dim]; with scan_layers one (k, v) whose arrays
+    carry a leading layer axis, as the scanned block reads and writes them."""
     shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+    if cfg.scan_layers:
+        return tuple(jnp.zeros((cfg.n_layer, *shape), cfg.compute_dtype) for _ in "kv")
     return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)) for _ in range(cfg.n_layer))
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Looped layout (h_0 ... h_{n-1}) -> scanned layout (one "h", every leaf with a leading layer axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = jax.tree.map(lambda *layers: jnp.stack(layers), *(params[f"h_{i}"] for i in range(n_layer)))
+    return out
+
+
+def unstack_layers(params: dict, n_layer: int) -> dict:
+    """Scanned layout -> looped layout: the inverse of stack_layers."""
+    out = {k: v for k, v in params.items() if k != "h"}
+    out.update({f"h_{i}": jax.tree.map(lambda x: x[i], params["h"]) for i in range(n_layer)})
+    return out
 
 
 # The parameter tree's layout. Bump it when a change makes older checkpoints' trees differ (renamed, reshaped
@@ -213,7 +237,7 @@ LAYOUT_VERSION = 1
 
 def layout(cfg: ModelConfig) -> dict:
     """What a checkpoint's parameter tree depends on beyond the shapes in cfg: recorded in its meta."""
-    return {"version": LAYOUT_VERSION}
+    return {"version": LAYOUT_VERSION, **({"scan_layers": True} if cfg.scan_layers else {})}
 
 
 def init_params(cfg: ModelConfig, key):

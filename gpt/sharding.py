@@ -36,6 +36,7 @@ RULES = (
     ("head_dim", None),
     ("pos", None),
     ("seq", None),
+    ("layers", None),  # scan_layers' stacked axis: every device holds every layer's slice of a parameter
 )
 
 

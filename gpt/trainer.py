@@ -163,7 +163,7 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
             if cfg.train.init_from != "scratch":
                 from gpt.hf import from_hf
 
-                params = jax.device_put(from_hf(cfg.train.init_from)[1], shardings.params)
+                params = jax.device_put(from_hf(cfg.train.init_from, cfg.model.scan_layers)[1], shardings.params)
                 opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
                 state = TrainState(state.step, params, opt_state)
                 log.say(f"initialised from the GPT-2 weights in {cfg.train.init_from}")

@@ -210,6 +210,16 @@ def test_decay_mask_on_the_gpt_parameter_tree(gpt_params):
         | {"ln_f/scale", "ln_f/bias"} <= kept
 
 
+def test_decay_mask_on_the_stacked_layout_of_scan_layers():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256, scan_layers=True))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
+    mask = {path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    decayed = {name for name, m in mask.items() if m}
+    assert decayed == {"wte/embedding", "wpe/embedding",
+                       *(f"h/{module}/kernel" for module in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"))}
+    assert all(name.endswith(("/bias", "/scale")) for name in set(mask) - decayed)
+
+
 def test_optimizer_decays_exactly_the_masked_leaves(gpt_params):
     """Zero gradients: Adam's direction is 0, so what the chain returns is the weight decay alone."""
     o = optim_config(weight_decay=0.5)
