@@ -29,14 +29,12 @@ def filter_logits(logits, temperature, top_k, top_p):
     vocab = logits.shape[-1]
     ranked = jnp.sort(logits, axis=-1)[..., ::-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)  # the top-k cut, in rank order
     probs = jax.nn.softmax(ranked, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
     # top_p = 1 keeps all k: in float32 the tail's `before` can round up to 1.0 and would be dropped.
     n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))
-    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)
+    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)  # n_keep <= k: this applies both cuts
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 

@@ -45,13 +45,14 @@ class Target:
 TARGETS = {
     "optim": Target("gpt/optim.py", frozenset(), "tests/test_optim.py"),
     "sampling_filters": Target("gpt/sampling.py", frozenset({"filter_logits", "sample_logits", "sample"}),
-                               "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is'"),
+                               "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is or leading'"),
     "batch_source": Target("gpt/data.py", frozenset({"batch_offsets", "get_batch", "_load", "train", "eval",
                                                      "_produce", "get", "close"}),
                            "tests/test_tokenizer_data.py tests/test_train.py"),
     "loss_and_step": Target("gpt/steps.py", frozenset({"loss_fn", "chunked_cross_entropy", "chunk_loss",
                                                        "make_train_step", "train_step", "micro_step"}),
-                            "tests/test_train.py tests/test_optim.py tests/test_remat_attention.py -k 'not (every_remat or remat_really or cudnn)'"),
+                            "tests/test_train.py tests/test_optim.py tests/test_remat_attention.py "
+                            "-k 'not (every_remat or remat_really or cudnn)'"),
     "config": Target("gpt/config.py", frozenset({
         "_parse_value", "_apply", "_check_finite", "read_args", "load_preset", "apply_layers", "validate",
         "validate_sample", "resolve", "tokens_per_step", "padded_vocab_size"}),

@@ -119,14 +119,25 @@ def test_filter_matches_numpy_reference(temperature, top_k, top_p):
     np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-5)
 
 
+def test_filter_works_on_any_leading_shape():
+    logits = np.asarray(jax.random.normal(jax.random.key(7), (2, 3, 50)) * 3)
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0.5, 7, 0.8))
+    want = numpy_filter(logits.reshape(6, 50), 0.5, 7, 0.8).reshape(2, 3, 50)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+
+
 def test_greedy_is_the_argmax_whatever_the_filters():
     logits = jax.random.normal(jax.random.key(5), (8, 200))
     for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.5), (50, 0.9)]:
         got = sample_logits(logits, jax.random.key(6), 0.0, top_k, top_p)
         np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), axis=-1))
+    tied = jnp.array([[1.0, 3.0, 3.0, 0.0]] * 64)  # greedy takes the first of tied maxima, every time
+    keys = jax.random.split(jax.random.key(8), 64)
+    assert set(np.asarray(jax.vmap(lambda k: sample_logits(tied[:1], k, 0.0, 0, 1.0))(keys)).ravel()) == {1}
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.9), (0.7, 4, 1.0), (0.7, 0, 0.8), (1.6, 0, 1.0)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.9), (0.7, 4, 1.0), (0.7, 0, 0.8), (1.6, 0, 1.0),
+                                                      (1.0, 0, 1.0), (0.7, 1, 1.0)])
 def test_empirical_distribution_matches_the_numpy_rules(temperature, top_k, top_p):
     logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
     z = numpy_filter(logits, temperature, top_k, top_p)[0]
