@@ -52,7 +52,13 @@ def preflight(argv: list[str]) -> Config:
     paths (trainer.prepare_run), the mesh and batch split, and the plan's lower bound on memory."""
     from gpt import plan, sharding, trainer
 
-    cfg = trainer.prepare_run(argv)  # every usage error surfaces here, before a device is touched
+    return check_run(trainer.prepare_run(argv))  # usage errors surface there, before a device is touched
+
+
+def check_run(cfg: Config) -> Config:
+    """The checks of preflight that need the devices: the mesh, the batch split, the plan's lower bound."""
+    from gpt import plan, sharding
+
     sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
@@ -63,11 +69,39 @@ def preflight(argv: list[str]) -> Config:
 def _train(argv: list[str]) -> int:
     from gpt import trainer
 
-    cfg = preflight(argv)
+    cfg = trainer.prepare_run(argv)
+    if cfg.train.dry_run and (simulate := _devices_to_simulate(cfg)):
+        return _dry_run_on_simulated_devices(argv, simulate)
+    check_run(cfg)
     if cfg.train.dry_run:
         return _dry_run(cfg)
     trainer.train(cfg, [sys.argv[0], *argv])
     return 0
+
+
+def _devices_to_simulate(cfg: Config) -> int:
+    """For a single-process dry run whose mesh names more devices than this machine has: how many."""
+    import math
+
+    import jax
+
+    m = cfg.mesh
+    if m.num_processes > 1 or m.distributed:
+        return 0
+    need = math.prod(s for s in (m.mesh_data, m.mesh_fsdp, m.mesh_tensor) if s > 0)
+    return need if need > jax.device_count() else 0
+
+
+def _dry_run_on_simulated_devices(argv: list[str], n: int) -> int:
+    """Plan a mesh larger than the machine on n simulated CPU devices: the same command in a fresh process
+    (XLA's device count is fixed when JAX starts)."""
+    import os
+    import subprocess
+
+    print(f"planning on {n} simulated CPU devices (this machine has fewer)", file=sys.stderr)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()}
+    return subprocess.run([sys.executable, "-m", "gpt.cli", "train", *argv], env=env).returncode
 
 
 def _dry_run(cfg: Config) -> int:

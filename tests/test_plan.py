@@ -118,3 +118,18 @@ def test_predicted_peak_is_within_a_quarter_of_the_measured_rss(shape, tmp_path,
     measured = m["peak"] - m["baseline"]
     print(json.dumps({"shape": shape, **m, "measured": measured, "ratio": m["predicted"] / measured}))
     assert abs(m["predicted"] - measured) <= 0.25 * measured, m
+
+
+@pytest.mark.slow
+def test_a_mesh_larger_than_the_machine_is_planned_on_simulated_devices(tmp_path, data_dir):
+    """This test process has one CPU device; a 2 x 4 mesh is planned in a fresh process on 8 simulated ones."""
+    assert jax.device_count() < 8
+    r = subprocess.run([sys.executable, "train.py", *TINY, f"--out_dir={tmp_path}", f"--data_dir={data_dir}",
+                        "--dry_run", "--mesh_data=2", "--mesh_fsdp=4"], capture_output=True, text=True,
+                       timeout=600, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "planning on 8 simulated CPU devices" in r.stderr
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["devices"] == 8
+    # fsdp splits the parameters four ways (up to the leaves too small to split)
+    assert report["bytes_per_device"]["parameters"] < 0.3 * 4 * plan.n_params(tiny_model_config())
