@@ -15,10 +15,10 @@ TRAIN_BOUNDS = {
                                         "eval_iters", "log_interval", "keep_checkpoints",
                                         "gradient_accumulation_steps")},
     "n_head": (["1", "128"], ["0", "3"]),  # 128 / 3 is not whole
-    "dropout": (["0", "0.99"], ["-0.01", "1"]),
+    "dropout": (["0", "0.99"], ["-0.01", "1", "1.5"]),
     "learning_rate": (["1e-9"], ["0", "-1e-3"]),
-    "beta1": (["0", "0.999"], ["-0.1", "1"]),
-    "beta2": (["0", "0.999"], ["-0.1", "1"]),
+    "beta1": (["0", "0.999"], ["-0.1", "1", "1.5"]),
+    "beta2": (["0", "0.999"], ["-0.1", "1", "1.5"]),
     **{key: (["0", "3.5"], ["-0.001"]) for key in ("weight_decay", "grad_clip", "peak_flops", "checkpoint_minutes",
                                                    "device_memory_gb")},
     "warmup_iters": (["-1", "0"], ["-2"]),
@@ -28,13 +28,15 @@ TRAIN_BOUNDS = {
     "dtype": (["auto", "float32", "bfloat16"], ["float16", ""]),
     "attention": (["auto", "xla", "cudnn"], ["flash"]),
     "tokenizer": (["byte", "gpt2"], ["bpe"]),
+    "loss_chunk": (["0", "64", "128"], ["-1", "48", "256"]),  # a divisor of block_size (128)
 }
 SAMPLE_BOUNDS = {
     "num_samples": ([1], [0]),
     "max_new_tokens": ([-1, 1], [0, -2]),
     "temperature": ([0.0, 0.01], [-0.01]),
     "top_k": ([0, 1], [-1]),
-    "top_p": ([1.0, 0.01], [0.0, 1.01]),
+    "top_p": ([1.0, 0.01], [0.0, -0.5, 1.01]),
+    "init_from": (["resume", "."], ["/nonexistent-dir", "zzz-nonexistent"]),  # names before and after "resume"
 }
 
 
@@ -120,6 +122,29 @@ def test_a_preset_comes_first_and_only_once():
         read_args(["shakespeare_char", "gpt2_124m"])
     with pytest.raises(ConfigError, match="unexpected argument 'shakespeare_char'"):
         read_args(["shakespeare_char"], allow_preset=False)
+
+
+@pytest.mark.parametrize("warmup, decay, refused", [(5, 0, True), (0, 0, False), (150, 100, True), (100, 100, False)])
+def test_the_warmup_must_end_by_the_decay_horizon(warmup, decay, refused):
+    args = [f"--warmup_iters={warmup}", f"--lr_decay_iters={decay}", "--max_iters=800"]
+    if refused:
+        with pytest.raises(ConfigError, match=f"warmup_iters={warmup} is beyond the end of the decay"):
+            load_config(args)
+    else:
+        load_config(args)
+
+
+def test_a_base_cycle_names_the_file_that_closes_it(tmp_path):
+    for name, base in (("a", "b"), ("b", "c"), ("c", "a")):
+        (tmp_path / f"{name}.toml").write_text(f'base = "{tmp_path / base}.toml"\n')
+    with pytest.raises(ConfigError, match=f"preset {tmp_path / 'c.toml'}: base '.*a.toml' makes a cycle"):
+        load_preset(str(tmp_path / "a.toml"))
+
+
+def test_a_preset_that_is_not_toml_is_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text("n_layer = = 3\n")
+    with pytest.raises(ConfigError, match=f"preset {tmp_path / 'bad.toml'}: "):
+        load_preset(str(tmp_path / "bad.toml"))
 
 
 def test_a_missing_base_deep_in_a_chain_names_the_file_that_asked_for_it(tmp_path):
