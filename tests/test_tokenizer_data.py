@@ -163,6 +163,10 @@ def test_prefetch_hands_out_each_steps_batch_in_order_and_counts_the_wait():
     prefetch.close()
     with pytest.raises(RuntimeError, match="made the batch of step 0, but step 1 asked"):
         data.Prefetch(lambda s: s, 0, 5).get(1)
+    behind = data.Prefetch(lambda s: s, 0, 5)
+    behind.get(0)
+    with pytest.raises(RuntimeError, match="made the batch of step 1, but step 0 asked"):
+        behind.get(0)
 
 
 def test_prefetch_raises_the_producers_error_in_the_loop_and_closes_mid_stream():
