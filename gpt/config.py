@@ -128,8 +128,8 @@ class TrainConfig:
     peak_flops: float = opt(0.0, "per-device peak FLOP/s for MFU; 0 = known GPU/TPU peak or a measured CPU matmul")
     dry_run: bool = opt(False, "compile the train step without allocating it, print the memory/FLOPs plan as JSON "
                                "(also out_dir/plan.json) and exit: 0 if it fits, 3 if not")
-    device_memory_gb: float = opt(0.0, "memory per device the plan checks against; 0 = what the device reports "
-                                       "(host RAM / devices on a CPU)")
+    device_memory_gb: float = opt(0.0, "memory per device in GiB that the plan checks against; 0 = what the "
+                                       "device reports (host RAM / devices on a CPU)")
 
 
 @dataclass
