@@ -135,7 +135,7 @@ def cosmic_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float) -> dict:
+def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float, resume: bool) -> dict:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -145,11 +145,14 @@ def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float)
                       f'excluded-modules = []\ntest-command = {json.dumps(test_command)}\n'
                       '[cosmic-ray.distributor]\nname = "local"\n')
     session = out / f"{name}.sqlite"
-    session.unlink(missing_ok=True)
+    if not resume:
+        session.unlink(missing_ok=True)
     baseline = subprocess.run(shlex.split(test_command), cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)},
                               capture_output=True, text=True)
     if baseline.returncode != 0:
         raise SystemExit(f"{name}: the unmutated tests fail:\n{baseline.stdout[-2000:]}")
+    if session.exists():  # --resume: the session's pending mutants only (the module must not have changed)
+        return finish(name, target, session, copy, config)
     cosmic_ray("init", str(config), str(session), cwd=copy)
     with use_db(str(session), WorkDB.Mode.open) as db:
         skipped = [item.job_id for item in db.work_items
@@ -157,6 +160,10 @@ def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float)
                           or (target.functions and m.definition_name not in target.functions)
                           for m in item.mutations)]
         db.set_multiple_results(skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    return finish(name, target, session, copy, config)
+
+
+def finish(name: str, target: Target, session: Path, copy: Path, config: Path) -> dict:
     start = time.time()
     cosmic_ray("exec", str(config), str(session), cwd=copy)
     return summarise(name, target, session, copy, time.time() - start)
@@ -195,7 +202,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets: {', '.join(TARGETS)}")
     parser.add_argument("--jobs", type=int, default=2, help="targets run at once, each in its own copy")
     parser.add_argument("--out", default="mutation-report", help="directory for sessions and the report")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a mutant's tests count as hung")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a mutant's tests count as hung")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sessions in --out (targets without one start afresh)")
     args = parser.parse_args()
     names = args.only.split(",")
     if unknown := set(names) - set(TARGETS):
@@ -204,7 +213,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         def one(name: str) -> dict:
-            return run_target(name, TARGETS[name], make_copy(Path(tmp) / name), out, args.timeout)
+            return run_target(name, TARGETS[name], make_copy(Path(tmp) / name), out, args.timeout, args.resume)
 
         with ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(one, names))
