@@ -32,7 +32,7 @@ TRAIN_BOUNDS = {
 }
 SAMPLE_BOUNDS = {
     "num_samples": ([1], [0]),
-    "max_new_tokens": ([-1, 1], [0, -2]),
+    "max_new_tokens": ([-1, 1, 100], [0, -2]),
     "temperature": ([0.0, 0.01], [-0.01]),
     "top_k": ([0, 1], [-1]),
     "top_p": ([1.0, 0.01], [0.0, -0.5, 1.01]),
