@@ -137,7 +137,7 @@ def test_greedy_is_the_argmax_whatever_the_filters():
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.9), (0.7, 4, 1.0), (0.7, 0, 0.8), (1.6, 0, 1.0),
-                                                      (1.0, 0, 1.0), (0.7, 1, 1.0)])
+                                                      (1.0, 0, 1.0), (0.5, 0, 1.0), (0.7, 1, 1.0)])
 def test_empirical_distribution_matches_the_numpy_rules(temperature, top_k, top_p):
     logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
     z = numpy_filter(logits, temperature, top_k, top_p)[0]
