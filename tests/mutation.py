@@ -43,7 +43,8 @@ class Target:
 
 
 TARGETS = {
-    "optim": Target("gpt/optim.py", frozenset(), "tests/test_optim.py"),
+    "optim": Target("gpt/optim.py", frozenset(), "tests/test_optim.py "
+                    "tests/test_run.py::test_checkpoints_of_another_layout_or_corpus_are_refused_in_one_line"),
     "sampling_filters": Target("gpt/sampling.py", frozenset({"filter_logits", "sample_logits", "sample"}),
                                "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is or leading'"),
     "batch_source": Target("gpt/data.py", frozenset({"batch_offsets", "get_batch", "_load", "train", "eval",

@@ -74,8 +74,9 @@ def test_offsets_cover_exactly_the_windows_that_fit():
     draws = data.batch_offsets(0, "train", 0, (2000,), n_tokens=10, block_size=7)
     assert set(draws.tolist()) == {0, 1, 2}
     assert data.batch_offsets(0, "train", 0, (5,), n_tokens=8, block_size=7).tolist() == [0] * 5
-    with pytest.raises(ConfigError, match="block_size=7 needs more than 7 tokens"):
-        data.batch_offsets(0, "train", 0, (1,), n_tokens=7, block_size=7)
+    for n_tokens in (7, 5):
+        with pytest.raises(ConfigError, match=f"block_size=7 needs more than 7 tokens, but the split holds {n_tokens}"):
+            data.batch_offsets(0, "train", 0, (1,), n_tokens=n_tokens, block_size=7)
 
 
 def test_windows_are_slices_of_the_tokens():
@@ -188,6 +189,11 @@ def test_prefetch_raises_the_producers_error_in_the_loop_and_closes_mid_stream()
     time.sleep(0.2)  # room for a producer that went on after the error to show itself
     prefetch.close()
     assert made == [0, 1, 2]  # the producer stopped at the failed batch
+    slow_loop = data.Prefetch(lambda s: s, 0, 4, depth=1)  # the producer waits on a full queue, then goes on
+    for step in range(4):
+        time.sleep(0.15)
+        assert slow_loop.get(step) == step
+    slow_loop.close()
     endless = data.Prefetch(lambda s: s, 0, 10**9, depth=1)
     endless.get(0)
     endless.close()  # returns although the producer is blocked on a full queue
