@@ -66,54 +66,110 @@ TARGETS = {
 # Operator replacements left out (see the docstring): they only produce TypeErrors on this code.
 EXCLUDED_OPERATORS = re.compile(r"_(Mod|Pow|RShift|LShift|BitXor|Is|IsNot|Invert|Not)$|Variable(Replacer|Inserter)")
 
-# Surviving mutants judged equivalent: (module, original line stripped, column, operator) -> why. Each was
-# read against the code: no input the program accepts tells the mutant from the original.
-_SAME_TYPE = "types equal only themselves: `==` and `is` agree on them"
-_VALIDATED = "validate() refuses the values that would tell them apart before this code runs"
-_R = "core/ReplaceComparisonOperator_"
-EQUIVALENT: dict[tuple[str, str, int, str], str] = {
-    ("gpt/optim.py", "STATE_LAYOUT = 2", 15, "core/NumberReplacer"):
-        "a label written into and compared with checkpoints by this same constant: any value behaves alike",
-    ("gpt/optim.py", "return jnp.where(step < o.warmup_iters, warmup, o.learning_rate)", 34, _R + "Lt_LtE"):
-        "at step == warmup_iters the warmup line gives learning_rate * (w + 1) / (w + 1) = learning_rate",
-    ("gpt/optim.py", "return jnp.where(step < o.warmup_iters, warmup, cosine)", 30, _R + "Lt_LtE"):
-        "at step == warmup_iters both branches give learning_rate (the cosine at ratio 0)",
-    ("gpt/optim.py", "clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []", 67,
-     _R + "Gt_NotEq"): _VALIDATED + " (grad_clip < 0)",
-    ("gpt/steps.py", "n_micro = batch[0].shape[0]", 24, "core/NumberReplacer"):
-        "batch[0] (inputs) and batch[1] / batch[-1] (targets) have the same shape",
-    ("gpt/steps.py", "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)", 36, "core/ReplaceBinaryOperator_BitAnd_Mul"):
-        "on booleans jnp.multiply is the logical and",
-    ("gpt/data.py", "window = np.asarray(tokens[index.reshape(-1)], dtype=np.int32).reshape(index.shape)", 46,
-     "core/NumberReplacer"): "numpy reads any negative size as 'infer': reshape(-2) is reshape(-1)",
-    ("gpt/data.py", "self.queue.put(item, timeout=0.1)", 49, "core/NumberReplacer"):
-        "the timeout only sets how often a producer blocked on a full queue looks for close(): 1.1 s delays it",
-    ("gpt/config.py", "if kind is str:", 12, _R + "Is_Eq"): _SAME_TYPE,
-    ("gpt/config.py", "if kind is bool:", 12, _R + "Is_Eq"): _SAME_TYPE,
-    ("gpt/config.py", "if value is None or (kind is int and not value.is_integer()):", 30, _R + "Is_Eq"): _SAME_TYPE,
-    ("gpt/config.py", "return int(value) if kind is int else value", 30, _R + "Is_Eq"): _SAME_TYPE,
-    ("gpt/config.py", "if kind is not bool:", 20, _R + "IsNot_NotEq"): _SAME_TYPE,
-    ("gpt/config.py", "if raw is BARE:  # only here is the key's type known: a bare boolean means True, anything else "
-                      "needs a value", 15, _R + "Is_Eq"): "BARE is a plain object(): it equals only itself",
-    ("gpt/config.py", "close = difflib.get_close_matches(key, list(known), n=1)", 66, "core/NumberReplacer"):
-        "only the first match is read: n=2 gives the same close[0]",
-    ("gpt/config.py", "hint = f\" (did you mean '{close[0]}'?)\" if close else \" (see --help for the keys)\"", 44,
-     "core/NumberReplacer"): "close holds one match (n=1): close[-1] is close[0]",
-    ("gpt/config.py", "if o.warmup_iters == -1:", 22, _R + "Eq_LtE"): _VALIDATED + " (warmup_iters < -1)",
-    ("gpt/config.py", "if o.lr_decay_iters == -1:", 24, _R + "Eq_LtE"): _VALIDATED + " (lr_decay_iters < -1)",
-    ("gpt/config.py", "if t.checkpoint_interval == 0:", 29, _R + "Eq_LtE"): _VALIDATED + " (checkpoint_interval < 0)",
-    ("gpt/config.py", "if s.start == \"\" and not s.prompts:", 15, _R + "Eq_LtE"): "no string sorts before \"\"",
-    ("gpt/sampling.py", "k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)", 24, _R + "Gt_NotEq"):
-        _VALIDATED + " (top_k < 0)",
-    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
-                        "keepdims=True), 1))", 29, _R + "GtE_Eq"): _VALIDATED + " (top_p > 1)",
-    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
-                        "keepdims=True), 1))", 101, "core/NumberReplacer"):
-        "a guard never active: the top token's `before` is 0 < top_p, so the count is at least 1 (0 changes nothing)",
-    ("gpt/sampling.py", "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, "
-                        "keepdims=True), 1))", 67, _R + "Lt_LtE"):
-        "differs only when a float32 cumulative probability equals top_p exactly",
-}
+# Surviving mutants judged equivalent, each read against the code: no input the program accepts tells the
+# mutant from the original. Keyed by (module, original line, mutated line), both stripped, as in the diff.
+_VALIDATED = "validate() refuses, before this code runs, every value that would tell them apart"
+_SAME_TYPE = "types equal only themselves: == and `is` agree on them"
+_NO_CUT = "it filters with neither a top-k nor a top-p cut, which returns logits / temperature: the same result"
+_TWO_D = "sample_logits takes [batch, vocab] logits: axis 1 is axis -1"
+_GREEDY = ("temperature 0 goes to the argmax branch before either division, so the floor only guards a "
+           "temperature that never reaches it")
+_EQUIVALENT_GROUPS = [
+    ("gpt/optim.py", "a label written into checkpoints and compared with this same constant: 3 behaves as 2 "
+     "(1, the previous layout, is killed by the old-layout refusal test)", [
+        ("STATE_LAYOUT = 2", "STATE_LAYOUT = 3")]),
+    ("gpt/optim.py", "at step == warmup_iters both branches give learning_rate: the warmup line is "
+     "learning_rate * (w + 1) / (w + 1), the cosine is at ratio 0", [
+        ("return jnp.where(step < o.warmup_iters, warmup, o.learning_rate)",
+         "return jnp.where(step <= o.warmup_iters, warmup, o.learning_rate)"),
+        ("return jnp.where(step < o.warmup_iters, warmup, cosine)",
+         "return jnp.where(step <= o.warmup_iters, warmup, cosine)")]),
+    ("gpt/optim.py", "the ratio is negative only before warmup_iters, where the warmup branch is taken", [
+        ("ratio = jnp.clip((step - o.warmup_iters) / span, 0.0, 1.0)",
+         "ratio = jnp.clip((step - o.warmup_iters) / span, -1.0, 1.0)")]),
+    ("gpt/optim.py", _VALIDATED + " (grad_clip < 0)", [
+        ("clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []",
+         "clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip != 0 else []")]),
+    ("gpt/steps.py", "with rate 0 Flax's Dropout returns its input, so a step run non-deterministically at "
+     "dropout=0 is the deterministic one; validate() keeps dropout in [0, 1)", [
+        ("deterministic = cfg.model.dropout == 0.0", f"deterministic = cfg.model.dropout {op}")
+        for op in ("< 0.0", "<= 0.0", "== 1.0", "== -1.0")]),
+    ("gpt/steps.py", "inputs (batch[0]) and targets (batch[1], batch[-1]) have the same shape", [
+        ("n_micro = batch[0].shape[0]", f"n_micro = batch[{i}].shape[0]") for i in (" 1", " -1")]),
+    ("gpt/data.py", "numpy reads any negative size as 'infer': reshape(-2) is reshape(-1)", [
+        ("window = np.asarray(tokens[index.reshape(-1)], dtype=np.int32).reshape(index.shape)",
+         "window = np.asarray(tokens[index.reshape(- 2)], dtype=np.int32).reshape(index.shape)")]),
+    ("gpt/data.py", "the timeout only sets how often a producer blocked on a full queue looks for close()", [
+        ("self.queue.put(item, timeout=0.1)", "self.queue.put(item, timeout= 1.1)")]),
+    ("gpt/config.py", _SAME_TYPE, [
+        ("if kind is str:", "if kind == str:"), ("if kind is bool:", "if kind == bool:"),
+        ("if kind is not bool:", "if kind != bool:"),
+        ("if value is None or (kind is int and not value.is_integer()):",
+         "if value is None or (kind == int and not value.is_integer()):"),
+        ("return int(value) if kind is int else value", "return int(value) if kind == int else value")]),
+    ("gpt/config.py", "BARE is a plain object(): it equals only itself", [
+        ("if raw is BARE:  # only here is the key's type known: a bare boolean means True, anything else needs a "
+         "value", "if raw == BARE:  # only here is the key's type known: a bare boolean means True, anything else "
+         "needs a value")]),
+    ("gpt/config.py", "only the first close match is read, and with n=1 there is one: n=2 and close[-1] change "
+     "nothing", [
+        ("close = difflib.get_close_matches(key, list(known), n=1)",
+         "close = difflib.get_close_matches(key, list(known), n= 2)"),
+        ("hint = f\" (did you mean '{close[0]}'?)\" if close else \" (see --help for the keys)\"",
+         "hint = f\" (did you mean '{close[ -1]}'?)\" if close else \" (see --help for the keys)\"")]),
+    ("gpt/config.py", _VALIDATED + " (values below -1, or below 0 for checkpoint_interval)", [
+        ("if o.warmup_iters == -1:", "if o.warmup_iters <= -1:"),
+        ("if o.lr_decay_iters == -1:", "if o.lr_decay_iters <= -1:"),
+        ("if t.checkpoint_interval == 0:", "if t.checkpoint_interval <= 0:")]),
+    ("gpt/config.py", "no string sorts before \"\"", [
+        ("if s.start == \"\" and not s.prompts:", "if s.start <= \"\" and not s.prompts:")]),
+    ("gpt/sampling.py", _VALIDATED + " (top_k < 0, top_p > 1, temperature < 0)", [
+        ("k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)",
+         "k = jnp.where(top_k != 0, jnp.minimum(top_k, vocab), vocab)"),
+        ("filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),",
+         "filtered = jax.lax.cond((top_k != 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),"),
+        ("filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),",
+         "filtered = jax.lax.cond((top_k > 0) | (top_p != 1), lambda l: filter_logits(l, temperature, top_k, top_p),"),
+        ("n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))",
+         "n_keep = jnp.where(top_p == 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))"),
+        ("return jax.lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)",
+         "return jax.lax.cond(temperature <= 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)")]),
+    ("gpt/sampling.py", "on booleans jnp.add is the logical or", [
+        ("filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),",
+         "filtered = jax.lax.cond((top_k > 0) + (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),")]),
+    ("gpt/sampling.py", "the condition becomes always true: " + _NO_CUT, [
+        ("filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),",
+         f"filtered = jax.lax.cond({cond}, lambda l: filter_logits(l, temperature, top_k, top_p),")
+        for cond in ("(top_k >= 0) | (top_p < 1)", "(top_k > -1) | (top_p < 1)", "(top_k > 0) | (top_p <= 1)",
+                     "(top_k > 0) | (top_p < 2)")]),
+    ("gpt/sampling.py", "a guard never active: the top token's `before` is 0 < top_p, so the count is at least 1", [
+        ("n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))",
+         "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 0))")]),
+    ("gpt/sampling.py", "differs only when a float32 cumulative probability equals top_p exactly", [
+        ("n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))",
+         "n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before <= top_p, axis=-1, keepdims=True), 1))")]),
+    ("gpt/sampling.py", _TWO_D, [
+        ("return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)",
+         f"return jax.random.categorical(key, filtered, axis={a}).astype(jnp.int32)") for a in ("1", "+1")] + [
+        ("return jax.lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)",
+         f"return jax.lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis={a}).astype(jnp.int32), sample, logits)")
+        for a in ("1", "+1")]),
+    ("gpt/sampling.py", _GREEDY, [
+        ("logits = logits / jnp.maximum(temperature, 1e-6)", "logits = logits / jnp.maximum(temperature, -0.999999)"),
+        ("lambda l: l / jnp.maximum(temperature, 1e-6), logits)",
+         "lambda l: l / jnp.maximum(temperature, -0.999999), logits)")]),
+]
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (module, original, mutated): reason for module, reason, pairs in _EQUIVALENT_GROUPS for original, mutated in pairs}
+
+
+def changed_lines(diff: str) -> tuple[str, str]:
+    """(original, mutated) line of a one-line mutant's diff, stripped."""
+    lines = diff.splitlines()
+    old = next(line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---"))
+    new = next(line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++"))
+    return old, new
+
 
 # What the work copies need: the library, its tests and presets, and the README some tests read.
 COPIED = ("gpt", "tests", "configs", "pyproject.toml", "README.md", "train.py", "sample.py")
@@ -174,7 +230,6 @@ def summarise(name: str, target: Target, session: Path, copy: Path, seconds: flo
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
-    lines = (copy / target.module).read_text().splitlines()
     killed, survivors, equivalent, incompetent = 0, [], [], 0
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
@@ -186,7 +241,7 @@ def summarise(name: str, target: Target, session: Path, copy: Path, seconds: flo
             elif result.test_outcome == TestOutcome.KILLED:
                 killed += 1
             else:
-                key = (target.module, lines[m.start_pos[0] - 1].strip(), m.start_pos[1], m.operator_name)
+                key = (target.module, *changed_lines(result.diff))
                 entry = {"line": m.start_pos[0], "column": m.start_pos[1], "operator": m.operator_name,
                          "function": m.definition_name, "diff": result.diff}
                 (equivalent if key in EQUIVALENT else survivors).append(
