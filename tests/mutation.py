@@ -223,10 +223,10 @@ def run_target(name: str, target: Target, copy: Path, out: Path, timeout: float,
 def finish(name: str, target: Target, session: Path, copy: Path, config: Path) -> dict:
     start = time.time()
     cosmic_ray("exec", str(config), str(session), cwd=copy)
-    return summarise(name, target, session, copy, time.time() - start)
+    return summarise(name, target, session, time.time() - start)
 
 
-def summarise(name: str, target: Target, session: Path, copy: Path, seconds: float) -> dict:
+def summarise(name: str, target: Target, session: Path, seconds: float) -> dict:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
@@ -244,8 +244,10 @@ def summarise(name: str, target: Target, session: Path, copy: Path, seconds: flo
                 key = (target.module, *changed_lines(result.diff))
                 entry = {"line": m.start_pos[0], "column": m.start_pos[1], "operator": m.operator_name,
                          "function": m.definition_name, "diff": result.diff}
-                (equivalent if key in EQUIVALENT else survivors).append(
-                    {**entry, "reason": EQUIVALENT[key]} if key in EQUIVALENT else entry)
+                if key in EQUIVALENT:
+                    equivalent.append({**entry, "reason": EQUIVALENT[key]})
+                else:
+                    survivors.append(entry)
     tried = killed + len(survivors) + len(equivalent)
     return {"target": name, "module": target.module, "tests": target.tests, "tried": tried, "killed": killed,
             "equivalent": len(equivalent), "survived": len(survivors), "incompetent": incompetent,
