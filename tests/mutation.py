@@ -94,6 +94,8 @@ _EQUIVALENT_GROUPS = [
      "dropout=0 is the deterministic one; validate() keeps dropout in [0, 1)", [
         ("deterministic = cfg.model.dropout == 0.0", f"deterministic = cfg.model.dropout {op}")
         for op in ("< 0.0", "<= 0.0", "== 1.0", "== -1.0")]),
+    ("gpt/steps.py", "on booleans jnp.multiply is the logical and", [
+        ("finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)", "finite = jnp.isfinite(loss) * jnp.isfinite(grad_norm)")]),
     ("gpt/steps.py", "inputs (batch[0]) and targets (batch[1], batch[-1]) have the same shape", [
         ("n_micro = batch[0].shape[0]", f"n_micro = batch[{i}].shape[0]") for i in (" 1", " -1")]),
     ("gpt/data.py", "numpy reads any negative size as 'infer': reshape(-2) is reshape(-1)", [

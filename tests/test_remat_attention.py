@@ -49,6 +49,23 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(chunk):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=f"chunk {chunk} {jax.tree_util.keystr(path)}")
 
 
+def test_chunked_cross_entropy_never_holds_the_whole_logits():
+    """The contract of loss_chunk, read from XLA's buffer assignment of the compiled gradient: all its
+    temporaries together stay below one [B, T, vocab] float32 logits array (the unchunked step needs several)."""
+    from gpt.steps import loss_fn
+
+    b, t, vocab = 8, 64, 8192
+    temporaries = {}
+    for chunk in (0, 8):
+        cfg = tiny_model_config(block_size=t, vocab_size=vocab, loss_chunk=chunk, dtype="float32")
+        model, params = GPT(cfg), nn.unbox(init_params(cfg, jax.random.key(0)))
+        x = jnp.zeros((b, t), jnp.int32)
+        grad = jax.jit(jax.grad(lambda p, a, y: loss_fn(p, model, a, y, None, True)))
+        temporaries[chunk] = grad.lower(params, x, x).compile().memory_analysis().temp_size_in_bytes
+    logits_bytes = b * t * vocab * 4
+    assert temporaries[8] < logits_bytes < temporaries[0], temporaries
+
+
 def test_a_loss_chunk_that_does_not_divide_the_context_is_refused():
     from gpt.config import load_config
 
