@@ -109,6 +109,10 @@ print(json.dumps({"baseline": baseline, "predicted": predicted,
 def test_predicted_peak_is_within_a_quarter_of_the_measured_rss(shape, tmp_path, data_dir):
     """Two shapes of more than 1 GB of state (parameters and AdamW moments): one train step, as the trainer
     compiles it, measured by the process's peak RSS less its RSS before the first compile."""
+    from gpt.config import DataConfig
+    from gpt.data import prepare
+
+    prepare(DataConfig(tokenizer="gpt2", data_dir=str(data_dir)), quiet=True)  # not in the measured process
     argv = [*shape, "--block_size=128", "--batch_size=8", "--max_iters=1", "--eval_iters=1", "--tokenizer=gpt2",
             "--eval_interval=1", "--checkpoint_interval=1000", f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]
     r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *argv], capture_output=True, text=True, timeout=900,
