@@ -86,20 +86,23 @@ def test_a_compiled_step_that_does_not_fit_lists_remedies_that_were_compiled(tmp
 
 
 RSS_SCRIPT = """
-import json, resource, sys
+import json, sys
 import jax
 from gpt import cli, data, plan, sharding, steps
+
+def peak_rss():  # VmHWM: this process's own high-water mark (getrusage's ru_maxrss carries the parent's over exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
 cfg = cli.preflight(sys.argv[1:])
 mesh = sharding.make_mesh(cfg.mesh)
 batches = data.Batches(cfg, data.prepare(cfg.data, quiet=True), mesh)
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+baseline = peak_rss()
 predicted = plan.compiled_plan(cfg, mesh)["bytes_per_device"]["peak"]
 with sharding.activate(mesh):
     model, tx, abstract, shardings, init = steps.build(cfg, mesh)
     state, metrics = steps.jit_train_step(model, tx, cfg, shardings)(init(jax.random.key(0)), batches.train(0))
     jax.block_until_ready(state)
-print(json.dumps({"baseline": baseline, "predicted": predicted,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"baseline": baseline, "predicted": predicted, "peak": peak_rss()}))
 """
 
 

