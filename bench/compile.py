@@ -3,7 +3,8 @@ variant. The persistent compilation cache is off, so every figure is a fresh com
 
     python bench/compile.py [--key=value ...] [--depths=6,24]
 
-Each variant lowers and compiles the exact step train.py runs, from abstract shapes (nothing allocated).
+Each figure is plan.compile_step: the train state's abstract shapes, then the exact step train.py runs,
+lowered and compiled (nothing allocated).
 """
 
 import dataclasses
@@ -13,27 +14,19 @@ import time
 
 import jax
 
-from gpt import sharding
-from gpt.config import load_config
-from gpt.steps import build, jit_train_step
+from common import config_and_flag
+from gpt import plan, sharding
 
 
 def compile_seconds(cfg) -> float:
-    mesh = sharding.make_mesh(cfg.mesh)
-    with sharding.activate(mesh):
-        model, tx, abstract, shardings, _ = build(cfg, mesh)
-        shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
-        batch = jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=sharding.batch_sharding(mesh, 1))
-        t0 = time.perf_counter()
-        jit_train_step(model, tx, cfg, shardings).lower(abstract, (batch, batch)).compile()
-        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan.compile_step(cfg, sharding.make_mesh(cfg.mesh))
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str]) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
-    depths = next((a.split("=")[1] for a in argv if a.startswith("--depths=")), "6,24")
-    cfg = load_config([a for a in argv if not a.startswith("--depths=")])
-    cfg.model.vocab_size = cfg.model.vocab_size or 256
+    cfg, depths = config_and_flag(argv, "depths", "6,24")
     for scan in (False, True):
         for depth in map(int, depths.split(",")):
             variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=depth, scan_layers=scan))

@@ -12,16 +12,13 @@ import json
 import sys
 import time
 
+from common import config_and_flag
 from gpt import plan, sharding
-from gpt.config import REMAT_CHOICES, load_config
-from gpt.tokenizer import get_tokenizer
+from gpt.config import REMAT_CHOICES
 
 
 def main(argv: list[str]) -> None:
-    chunk = next((int(a.split("=")[1]) for a in argv if a.startswith("--chunk=")), 128)
-    cfg = load_config([a for a in argv if not a.startswith("--chunk=")])
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
+    cfg, chunk = config_and_flag(argv, "chunk", 128)
     mesh = sharding.make_mesh(cfg.mesh)
     for remat in REMAT_CHOICES:
         for loss_chunk in (0, chunk):

@@ -13,19 +13,15 @@ import time
 import jax
 import jax.numpy as jnp
 
+from common import config_and_flag
 from gpt import sharding
-from gpt.config import load_config
 from gpt.metrics import peak_memory, run_peak_flops
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.steps import build, jit_train_step
-from gpt.tokenizer import get_tokenizer
 
 
 def main(argv: list[str]) -> None:
-    steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 10)
-    cfg = load_config([a for a in argv if not a.startswith("--steps=")])
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
+    cfg, steps = config_and_flag(argv, "steps", 10)
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)

@@ -50,7 +50,7 @@ def guarded(body) -> int:
 def preflight(argv: list[str]) -> Config:
     """Everything that can refuse a training run before anything is allocated or compiled: the config and
     paths (trainer.prepare_run), the mesh and batch split, and the plan's lower bound on memory."""
-    from gpt import plan, sharding, trainer
+    from gpt import trainer
 
     return check_run(trainer.prepare_run(argv))  # usage errors surface there, before a device is touched
 

@@ -3,8 +3,8 @@
 Two checks, one cheap and one exact:
 - `check` is closed-form, instant for any size (n_layer=10^12 included), and runs before every training
   run is built: it refuses a run whose *unavoidable* bytes per device (parameters, AdamW's two moments,
-  gradients, one micro-batch's float32 logits and what each layer must keep for the backward pass) exceed the device's memory. Those are
-  lower bounds, so it never refuses a run that would fit.
+  gradients, one micro-batch's float32 logits and what each layer must keep for the backward pass) exceed
+  the device's memory. Those are lower bounds, so it never refuses a run that would fit.
 - `compiled_plan` (`train.py --dry_run`) lowers and compiles the exact train step for the configured mesh
   from abstract shapes (nothing is allocated) and reads XLA's memory and cost analyses: the figure to trust.
 """
@@ -55,8 +55,7 @@ def lower_bound(cfg: Config, mesh_shape: dict[str, int]) -> dict[str, int]:
     """Bytes per device no implementation of this step can avoid, by part."""
     m, bytes_per_value = cfg.model, 2 if cfg.model.compute_dtype == "bfloat16" else 4
     state_shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
-    rows = -(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"]))  # micro-batch rows per device
-    tokens = rows * m.block_size
+    tokens = _rows_per_device(cfg, mesh_shape) * m.block_size
     p = n_params(m)
     return {
         "parameters": 4 * p // state_shards,  # float32
@@ -66,6 +65,11 @@ def lower_bound(cfg: Config, mesh_shape: dict[str, int]) -> dict[str, int]:
         "logits": 4 * tokens * m.padded_vocab_size // mesh_shape["tensor"],  # one micro-batch, float32
         "saved_activations": m.n_layer * tokens * m.n_embd * bytes_per_value * _saved_per_layer(m),
     }
+
+
+def _rows_per_device(cfg: Config, mesh_shape: dict[str, int]) -> int:
+    """Sequences of one micro-batch on each device: the batch splits over data x fsdp."""
+    return -(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"]))
 
 
 def _saved_per_layer(m: ModelConfig) -> int:
@@ -84,16 +88,15 @@ def check(cfg: Config, mesh_shape: dict[str, int]) -> dict:
         raise DoesNotFit(f"does not fit: each device needs at least {total / GiB:,.2f} GiB ("
                          + ", ".join(f"{k} {v / GiB:,.2f}" for k, v in need.items() if v >= GiB / 100)
                          + f") but holds {memory / GiB:,.2f} GiB ({source}); "
-                         + _remedies(cfg, mesh_shape, memory))
+                         + _remedies(cfg, mesh_shape, need, memory))
     return {"lower_bound_bytes": need, "device_memory_bytes": memory, "device_memory_source": source}
 
 
-def _remedies(cfg: Config, mesh_shape: dict[str, int], memory: int) -> str:
-    """What would make the lower bound fit, computed from it: more fsdp shards for the state, fewer rows per
-    micro-step (with more accumulation, so tokens per step stay) for the activations."""
-    need = lower_bound(cfg, mesh_shape)
+def _remedies(cfg: Config, mesh_shape: dict[str, int], need: dict[str, int], memory: int) -> str:
+    """What would make the lower bound `need` fit, computed from it: more fsdp shards for the state, fewer
+    rows per micro-step (with more accumulation, so tokens per step stay) for the activations."""
     state = need["parameters"] + need["optimizer_state"] + need["gradients"]
-    per_row = (need["logits"] + need["saved_activations"]) / max(-(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])), 1)
+    per_row = (need["logits"] + need["saved_activations"]) / _rows_per_device(cfg, mesh_shape)
     hints = []
     if state > memory / 2:
         shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
@@ -107,20 +110,27 @@ def _remedies(cfg: Config, mesh_shape: dict[str, int], memory: int) -> str:
     return "; ".join(hints) or "use a smaller model"
 
 
+def compile_step(cfg: Config, mesh):
+    """(the exact train step of cfg compiled for mesh, the train state's abstract shapes): from abstract
+    shapes only, nothing allocated."""
+    from gpt import sharding
+    from gpt.steps import abstract_batch, build, jit_train_step
+
+    with sharding.activate(mesh):
+        model, tx, abstract, shardings, _ = build(cfg, mesh)
+        batch = abstract_batch(cfg, mesh)
+        return jit_train_step(model, tx, cfg, shardings).lower(abstract, (batch, batch)).compile(), abstract
+
+
 def compiled_plan(cfg: Config, mesh, remedies: bool = True) -> dict:
     """Lower and compile the exact train step on mesh from abstract shapes; XLA's figures per device.
-    When it does not fit (and remedies), the remedies are compiled too and the ones that help listed."""
-    from gpt import sharding
+    When it does not fit (and remedies), the remedies are compiled too and listed, each with its peak."""
+    from gpt.metrics import run_peak_flops
     from gpt.model import flops_per_token, param_counts
-    from gpt.steps import build, jit_train_step
 
     shape = dict(mesh.shape)
     bound = check(cfg, shape)
-    with sharding.activate(mesh):
-        model, tx, abstract, shardings, _ = build(cfg, mesh)
-        batch_shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
-        batch = jax.ShapeDtypeStruct(batch_shape, jax.numpy.int32, sharding=sharding.batch_sharding(mesh, 1))
-        compiled = jit_train_step(model, tx, cfg, shardings).lower(abstract, (batch, batch)).compile()
+    compiled, abstract = compile_step(cfg, mesh)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -132,10 +142,8 @@ def compiled_plan(cfg: Config, mesh, remedies: bool = True) -> dict:
             + memory.temp_size_in_bytes)
     model_flops = flops_per_token(cfg.model, counts["matmul"]) * cfg.tokens_per_step
     n_devices = math.prod(shape.values())
-    from gpt.metrics import run_peak_flops
-
     peak_flops, peak_source = run_peak_flops(cfg, mesh)
-    step_s = model_flops / (STATED_MFU * peak_flops) if peak_flops == peak_flops else None
+    step_s = None if math.isnan(peak_flops) else model_flops / (STATED_MFU * peak_flops)
     report = {
         "fits": peak <= bound["device_memory_bytes"],
         "mesh": shape, "devices": n_devices, "platform": jax.devices()[0].platform,
@@ -154,20 +162,20 @@ def compiled_plan(cfg: Config, mesh, remedies: bool = True) -> dict:
         "step_seconds": step_s, "hours_to_max_iters": step_s * cfg.train.max_iters / 3600 if step_s else None,
     }
     if not report["fits"] and remedies:
-        report["remedies"] = _compiled_remedies(cfg, mesh, peak, bound["device_memory_bytes"])
+        report["remedies"] = _compiled_remedies(cfg, mesh, bound["device_memory_bytes"])
     return report
 
 
-def _compiled_remedies(cfg: Config, mesh, peak: int, memory: int) -> list[str]:
-    """Each remedy compiled and measured like the plan itself: only those that bring the peak under memory."""
+def _compiled_remedies(cfg: Config, mesh, memory: int) -> list[str]:
+    """Each remedy compiled and measured like the plan itself, with its peak and whether it fits."""
     options = []
     if cfg.model.remat != "full":
         options.append(("--remat=full", dataclasses.replace(cfg.model, remat="full"), cfg.data, cfg.optim))
     if cfg.data.batch_size % 2 == 0:
-        options.append((f"--batch_size={cfg.data.batch_size // 2} --gradient_accumulation_steps="
-                        f"{2 * cfg.optim.gradient_accumulation_steps}", cfg.model,
-                        dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // 2),
-                        dataclasses.replace(cfg.optim, gradient_accumulation_steps=2 * cfg.optim.gradient_accumulation_steps)))
+        half, twice = cfg.data.batch_size // 2, 2 * cfg.optim.gradient_accumulation_steps
+        options.append((f"--batch_size={half} --gradient_accumulation_steps={twice}", cfg.model,
+                        dataclasses.replace(cfg.data, batch_size=half),
+                        dataclasses.replace(cfg.optim, gradient_accumulation_steps=twice)))
     found = []
     for flags, model_cfg, data_cfg, optim_cfg in options:
         other = dataclasses.replace(cfg, model=model_cfg, data=data_cfg, optim=optim_cfg)

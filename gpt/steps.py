@@ -92,6 +92,13 @@ def jit_train_step(model: GPT, tx: optax.GradientTransformation, cfg: Config, sh
                    out_shardings=(shardings, None), donate_argnums=0)
 
 
+def abstract_batch(cfg: Config, mesh):
+    """Shape, dtype and sharding of one step's inputs (and, alike, its targets): what the step is compiled
+    for ahead of time, without reading a batch."""
+    shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+
+
 def make_eval_step(model: GPT):
     def eval_step(params, batch):
         return loss_fn(params, model, batch[0], batch[1], None, deterministic=True)

@@ -28,7 +28,7 @@ from gpt.config import (ARCHITECTURE_KEYS, Config, ConfigError, apply_layers, ch
                         validate)
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.runlock import RunLock
-from gpt.steps import TrainState, build, jit_train_step, make_eval_step
+from gpt.steps import TrainState, abstract_batch, build, jit_train_step, make_eval_step
 from gpt.tokenizer import get_tokenizer
 
 
@@ -259,8 +259,9 @@ class Run:
                 attention=self.attention, peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
 
         t0 = time.perf_counter()
+        batch = abstract_batch(cfg, self.mesh)
         compiled = jit_train_step(self.model, self.tx, cfg, self.shardings).lower(
-            state, self.batches.train(start_step)).compile()  # ahead of time: fails before step 0
+            state, (batch, batch)).compile()  # ahead of time: fails before step 0
         log.say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
         stop = StopFlag()
