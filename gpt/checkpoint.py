@@ -30,9 +30,18 @@ def checkpoint_dir(out_dir: str) -> Path:
     return Path(out_dir).resolve() / "checkpoints"
 
 
-def make_manager(out_dir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only
-               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+def make_manager(out_dir: str, keep: int = 3, read_only: bool = False,
+                 keep_steps: set[int] = frozenset()) -> ocp.CheckpointManager:
+    """keep: how many of the latest checkpoints to keep; keep_steps: steps kept besides (save_steps)."""
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0)
+    elif keep_steps:
+        policy = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
+                                               preservation_policy=policy.AnyPreservationPolicy(
+                                                   [policy.LatestN(keep), policy.CustomSteps(sorted(keep_steps))]))
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
 
 

@@ -92,7 +92,11 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip gradients to this global norm; 0 disables")
-    decay_lr: bool = opt(True, "cosine-decay the learning rate after warmup")
+    decay_lr: bool = opt(True, "decay the learning rate after warmup (as schedule says); False holds it")
+    schedule: str = opt("cosine", "after warmup: cosine (down to min_lr at lr_decay_iters) or wsd (warmup-stable-"
+                                  "decay: hold learning_rate, then linearly down to min_lr over the last cooldown_frac "
+                                  "of lr_decay_iters)")
+    cooldown_frac: float = opt(0.2, "wsd: the fraction of lr_decay_iters spent decaying, in (0, 1]")
     warmup_iters: int = opt(-1, "linear warmup steps; -1 = 10% of max_iters")
     lr_decay_iters: int = opt(-1, "step where cosine decay reaches min_lr; -1 = max_iters")
     min_lr: float = opt(-1.0, "final learning rate; -1 = learning_rate / 10")
@@ -113,7 +117,11 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = opt("out", "run directory: checkpoints, config.json, metrics.jsonl")
-    init_from: str = opt("scratch", "scratch, resume (latest checkpoint in out_dir), or a local HF GPT-2 directory")
+    init_from: str = opt("scratch", "scratch, resume (latest checkpoint in out_dir), RUN_DIR[@STEP] (start from "
+                                    "another run's checkpoint: its parameters, optimizer state and step), or a local "
+                                    "HF GPT-2 directory")
+    reset_optimizer: bool = opt(False, "with init_from=RUN_DIR: take only the parameters; fresh optimizer state "
+                                       "from step 0 (a new warmup and schedule)")
     overwrite: bool = opt(False, "allow init_from=scratch into an out_dir that holds checkpoints")
     max_iters: int = opt(800, "optimizer steps to train for")
     eval_interval: int = opt(200, "evaluate every N steps (and at the end)")
@@ -122,6 +130,8 @@ class TrainConfig:
     log_interval: int = opt(10, "log a train row every N steps")
     checkpoint_interval: int = opt(0, "save every N steps; 0 = eval_interval")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
+    save_steps: str = opt("", "comma-separated steps to also save and always keep (the branch points of a WSD "
+                              "sweep)")
     checkpoint_minutes: float = opt(0.0, "also save when this many minutes passed since the last save; 0 = off")
     skip_nonfinite: bool = opt(False, "skip (and count) batches with a non-finite loss instead of stopping")
     seed: int = opt(1337, "seed for initialisation, data order and dropout")
@@ -336,8 +346,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
     if d.tokenizer not in ("byte", "gpt2"):
         raise ConfigError(f"tokenizer={d.tokenizer!r}: use byte or gpt2")
-    if t.init_from not in ("scratch", "resume") and not Path(t.init_from).is_dir():
-        raise ConfigError(f"init_from={t.init_from!r}: use scratch, resume, or a Hugging Face GPT-2 directory")
+    if t.init_from not in ("scratch", "resume") and not Path(split_init_from(t.init_from)[0]).is_dir():
+        raise ConfigError(f"init_from={t.init_from!r}: use scratch, resume, a run directory (RUN_DIR or RUN_DIR@STEP) "
+                          "or a Hugging Face GPT-2 directory")
+    save_steps(t)  # refuses a malformed list
     if o.learning_rate <= 0:
         raise ConfigError(f"learning_rate={o.learning_rate}: must be > 0")
     for key in ("beta1", "beta2"):
@@ -356,6 +368,35 @@ def validate(cfg: Config) -> None:
     if o.warmup_iters > decay_end:
         raise ConfigError(f"warmup_iters={o.warmup_iters} is beyond the end of the decay (lr_decay_iters="
                           f"{o.lr_decay_iters}, max_iters={t.max_iters}): the warmup would never finish")
+    if o.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"schedule={o.schedule!r}: use cosine or wsd")
+    if not 0.0 < o.cooldown_frac <= 1.0:
+        raise ConfigError(f"cooldown_frac={o.cooldown_frac}: must be in (0, 1]")
+    if o.schedule == "wsd" and o.warmup_iters > cooldown_start(o.cooldown_frac, decay_end):
+        raise ConfigError(f"warmup_iters={o.warmup_iters} runs into the wsd cooldown, which starts at step "
+                          f"{cooldown_start(o.cooldown_frac, decay_end)}: lower cooldown_frac or warmup_iters")
+
+
+def cooldown_start(cooldown_frac: float, decay_end: int) -> int:
+    """The step where a wsd schedule leaves its stable phase: the last cooldown_frac of the steps up to
+    decay_end decay. A WSD sweep branches its cooldowns from checkpoints at exactly these steps."""
+    return decay_end - round(cooldown_frac * decay_end)
+
+
+def split_init_from(init_from: str) -> tuple[str, int]:
+    """RUN_DIR@STEP -> (RUN_DIR, STEP); RUN_DIR (or any other value) -> (it, -1, meaning the latest)."""
+    path, at, step = init_from.rpartition("@")
+    if not at or not step.isdigit():
+        return init_from, -1
+    return path, int(step)
+
+
+def save_steps(t: TrainConfig) -> set[int]:
+    """The steps of save_steps ("100,200") as a set; one line if the list is malformed."""
+    items = [x.strip() for x in t.save_steps.split(",") if x.strip()]
+    if not all(x.isdigit() for x in items):
+        raise ConfigError(f"save_steps={t.save_steps!r}: must be comma-separated non-negative step numbers")
+    return {int(x) for x in items}
 
 
 def resolve(cfg: Config) -> Config:

@@ -1,4 +1,5 @@
-"""The optimizer: gradient clipping then AdamW, weight decay on matrices only, warmup + cosine schedule.
+"""The optimizer: gradient clipping then AdamW, weight decay on matrices only, warmup then a cosine or
+warmup-stable-decay schedule.
 
 The optax chain stops short of the learning rate: it returns the AdamW direction (Adam's normalised moment
 plus the decoupled weight decay), and the train step scales it by -lr_schedule(step) with the step it also
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt.config import OptimConfig
+from gpt.config import OptimConfig, cooldown_start
 
 # The optimizer state's tree layout, recorded in checkpoints (gpt/checkpoint.py). 1: optax.adamw with the
 # schedule inside (a schedule count in the state); 2: the direction only, the schedule read from the step.
@@ -23,17 +24,21 @@ STATE_LAYOUT = 2
 
 
 def lr_schedule(o: OptimConfig):
-    """nanoGPT's schedule: linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then flat."""
+    """Linear warmup to learning_rate (nanoGPT's), then
+    cosine: nanoGPT's cosine down to min_lr at lr_decay_iters, then flat;
+    wsd: warmup-stable-decay (Hägele et al. 2024): learning_rate held until the cooldown, then linearly down
+    to min_lr over the last cooldown_frac of lr_decay_iters, then flat. Until its cooldown a wsd run is the
+    same whatever its length, which is what lets a sweep branch short cooldowns off one long run."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warmup = o.learning_rate * (step + 1) / (o.warmup_iters + 1)
         if not o.decay_lr:
             return jnp.where(step < o.warmup_iters, warmup, o.learning_rate)
-        span = max(o.lr_decay_iters - o.warmup_iters, 1)
-        ratio = jnp.clip((step - o.warmup_iters) / span, 0.0, 1.0)
-        cosine = o.min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (o.learning_rate - o.min_lr)
-        return jnp.where(step < o.warmup_iters, warmup, cosine)
+        start = o.warmup_iters if o.schedule == "cosine" else cooldown_start(o.cooldown_frac, o.lr_decay_iters)
+        ratio = jnp.clip((step - start) / max(o.lr_decay_iters - start, 1), 0.0, 1.0)
+        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) if o.schedule == "cosine" else 1.0 - ratio
+        return jnp.where(step < o.warmup_iters, warmup, o.min_lr + shape * (o.learning_rate - o.min_lr))
 
     return schedule
 

@@ -100,8 +100,10 @@ def abstract_batch(cfg: Config, mesh):
 
 
 def make_eval_step(model: GPT):
-    def eval_step(params, batch):
-        return loss_fn(params, model, batch[0], batch[1], None, deterministic=True)
+    def eval_step(params, batch, token_bytes):
+        """(mean loss, UTF-8 bytes of the targets) of one batch; token_bytes: [vocab] bytes per token id."""
+        loss = loss_fn(params, model, batch[0], batch[1], None, deterministic=True)
+        return jnp.stack([loss, jnp.take(token_bytes, batch[1]).sum().astype(loss.dtype)])
     return eval_step
 
 

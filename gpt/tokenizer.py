@@ -73,6 +73,19 @@ def get_tokenizer(name: str):
     raise ValueError(f"unknown tokenizer {name!r}: use one of {', '.join(NAMES)}")
 
 
+@functools.lru_cache(maxsize=2)
+def token_bytes(name: str) -> np.ndarray:
+    """UTF-8 bytes that each token id stands for, [vocab_size] int32: summed over the targets it turns a
+    loss in nats per token into bits per byte, a figure that does not depend on the tokenizer. Both
+    tokenizers split the byte string exactly, so the sum over a text's tokens is the text's byte length."""
+    if name == "byte":
+        return np.ones(ByteTokenizer.vocab_size, np.int32)
+    tok = get_tokenizer(name)
+    lengths = np.array([len(tok.enc.decode_single_token_bytes(i)) for i in range(tok.vocab_size)], np.int32)
+    lengths[tok.eot_token] = 0  # <|endoftext|> separates documents; it stands for no text
+    return lengths
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id (uint8 for bytes, uint16 for GPT-2 as in nanoGPT)."""
     return np.dtype(next(t for t in (np.uint8, np.uint16, np.uint32) if vocab_size <= np.iinfo(t).max + 1))

@@ -24,25 +24,25 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gpt import checkpoint, data, metrics, sharding
-from gpt.config import (ARCHITECTURE_KEYS, Config, ConfigError, apply_layers, check_writable_dir, read_args, resolve,
-                        validate)
+from gpt.config import (ARCHITECTURE_KEYS, Config, ConfigError, ModelConfig, apply_layers, check_writable_dir,
+                        read_args, resolve, save_steps, split_init_from, validate)
 from gpt.model import attention_backend, flops_per_token, param_counts
 from gpt.runlock import RunLock
 from gpt.steps import TrainState, abstract_batch, build, jit_train_step, make_eval_step
-from gpt.tokenizer import get_tokenizer
+from gpt.tokenizer import get_tokenizer, token_bytes
 
 
 def prepare_run(argv: list[str]) -> Config:
     """The run's config, resolved once: the preset and command line over the defaults, or on resume over the
     saved run (whose architecture they may not change), the shape of an HF model for init_from=DIR, the
-    vocabulary from the tokenizer, then validated with every automatic value filled in. Touches no device."""
+    vocabulary from the tokenizer, then validated with every automatic value filled in. Touches no device.
+    init_from=RUN_DIR[@STEP] or an HF directory fixes the architecture and tokenizer to the source's."""
     layers = read_args(argv)
     asked = {k for _, values in layers for k in values}
     cfg = apply_layers(Config(), layers)
     validate(cfg)
     out = Path(cfg.train.out_dir)
-    has_checkpoints = checkpoint.checkpoint_dir(cfg.train.out_dir).is_dir() and any(
-        p.name.isdigit() for p in checkpoint.checkpoint_dir(cfg.train.out_dir).iterdir())
+    has_checkpoints = bool(checkpoint_steps(cfg.train.out_dir))
     if cfg.train.init_from == "resume" or cfg.train.eval_only:
         if not has_checkpoints or not (out / "config.json").is_file():
             raise ConfigError(f"no checkpoint to resume in {out}/checkpoints: train one first with --init_from=scratch")
@@ -54,18 +54,16 @@ def prepare_run(argv: list[str]) -> Config:
                                   "was asked; use another --out_dir or drop the override")
         cfg = apply_layers(saved, layers)  # the saved run is the base; the command line changes the rest
         cfg.train.init_from = "resume"
-    elif cfg.train.init_from != "scratch":  # fine-tune from a Hugging Face GPT-2 directory
-        from gpt.hf import hf_model_config
-
-        hf = hf_model_config(Path(cfg.train.init_from))
+    elif cfg.train.init_from != "scratch":  # continue another run, or fine-tune a Hugging Face GPT-2
+        source, tokenizer = _init_source(cfg.train.init_from)
         for key in ARCHITECTURE_KEYS:
-            if key in asked and getattr(cfg.model, key) != getattr(hf, key):
-                raise ConfigError(f"init_from={cfg.train.init_from} is a model with {key}={getattr(hf, key)}, "
+            if key in asked and getattr(cfg.model, key) != getattr(source, key):
+                raise ConfigError(f"init_from={cfg.train.init_from} is a model with {key}={getattr(source, key)}, "
                                   f"but {key}={getattr(cfg.model, key)} was asked")
-            setattr(cfg.model, key, getattr(hf, key))
-        if "tokenizer" in asked and cfg.data.tokenizer != "gpt2":
-            raise ConfigError(f"init_from={cfg.train.init_from} is a GPT-2 model: it needs tokenizer=gpt2")
-        cfg.data.tokenizer = "gpt2"
+            setattr(cfg.model, key, getattr(source, key))
+        if "tokenizer" in asked and cfg.data.tokenizer != tokenizer:
+            raise ConfigError(f"init_from={cfg.train.init_from} was trained with tokenizer={tokenizer}: it needs that one")
+        cfg.data.tokenizer = tokenizer
     if cfg.train.init_from != "resume" and has_checkpoints and not cfg.train.overwrite:
         raise ConfigError(f"{out} already holds checkpoints: resume with --init_from=resume, "
                           "pick another --out_dir, or pass --overwrite=True to replace them")
@@ -78,6 +76,33 @@ def prepare_run(argv: list[str]) -> Config:
             data.corpus_files(cfg.data.dataset)
         check_writable_dir("data_dir", cfg.data.data_dir)
     return resolve(cfg)
+
+
+def is_run_dir(path: str) -> bool:
+    """A directory this trainer wrote (it has checkpoints/), as opposed to a Hugging Face model directory."""
+    return checkpoint.checkpoint_dir(path).is_dir()
+
+
+def checkpoint_steps(out_dir: str) -> list[int]:
+    directory = checkpoint.checkpoint_dir(out_dir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _init_source(init_from: str) -> tuple[ModelConfig, str]:
+    """The model config and tokenizer of what init_from names: RUN_DIR[@STEP] (whose step must exist) or an
+    HF GPT-2 directory."""
+    path, step = split_init_from(init_from)
+    if not is_run_dir(path):
+        from gpt.hf import hf_model_config
+
+        return hf_model_config(Path(init_from)), "gpt2"
+    steps = checkpoint_steps(path)
+    if not steps or not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"init_from={init_from}: {path} holds no finished checkpoint to start from")
+    if step >= 0 and step not in steps:
+        raise ConfigError(f"init_from={init_from}: {path} has checkpoints at steps {steps}, not {step}")
+    source = Config.from_dict(json.loads((Path(path) / "config.json").read_text()))
+    return source.model, source.data.tokenizer
 
 
 class StopFlag:
@@ -148,7 +173,7 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
     sharding.check_batch(cfg.data.batch_size, mesh)
     with sharding.activate(mesh):
         model, tx, abstract, shardings, init = build(cfg, mesh)
-        manager = checkpoint.make_manager(cfg.train.out_dir, cfg.train.keep_checkpoints)
+        manager = checkpoint.make_manager(cfg.train.out_dir, cfg.train.keep_checkpoints, keep_steps=save_steps(cfg.train))
         if cfg.train.init_from == "resume":
             meta = checkpoint.read_meta(manager, manager.latest_step())
             checkpoint.check_layouts(meta, cfg.model, f"{out} step {meta['step']}", with_opt_state=True)
@@ -158,19 +183,45 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
             step, params, opt_state, _ = checkpoint.restore(manager, None, abstract.params, abstract.opt_state)
             state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), params, opt_state)
             log.say(f"resumed from {manager.directory}/{step}")
+        elif is_run_dir(split_init_from(cfg.train.init_from)[0]):
+            state = _start_from_run(cfg, tx, abstract, shardings, log)
         else:
             state = init(jax.random.key(cfg.train.seed))
             if cfg.train.init_from != "scratch":
                 from gpt.hf import from_hf
 
                 params = jax.device_put(from_hf(cfg.train.init_from, cfg.model.scan_layers)[1], shardings.params)
-                opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-                state = TrainState(state.step, params, opt_state)
+                state = TrainState(state.step, params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
                 log.say(f"initialised from the GPT-2 weights in {cfg.train.init_from}")
         run = Run(cfg, mesh, model, tx, shardings, manager, data.Batches(cfg, dataset_dir, mesh), log,
                   {"config": cfg.to_dict(), "tokenizer": corpus, "corpus": data.corpus_identity(corpus),
                    **checkpoint.layouts(cfg.model)})
         return run.loop(state, command)
+
+
+def _start_from_run(cfg: Config, tx, abstract: TrainState, shardings: TrainState, log: metrics.Logger) -> TrainState:
+    """The state of init_from=RUN_DIR[@STEP]: its parameters, and its optimizer state and step (so schedule
+    and data order go on where it stopped: how a WSD sweep branches a cooldown), or with reset_optimizer a
+    fresh optimizer state at step 0."""
+    path, step = split_init_from(cfg.train.init_from)
+    manager = checkpoint.make_manager(path, read_only=True)
+    step = max(manager.all_steps()) if step < 0 else step
+    reset = cfg.train.reset_optimizer
+    checkpoint.check_layouts(checkpoint.read_meta(manager, step), cfg.model, f"{path} step {step}",
+                             with_opt_state=not reset)
+    try:
+        _, params, opt_state, _ = checkpoint.restore(manager, step, abstract.params,
+                                                     None if reset else abstract.opt_state)
+    except ValueError as e:  # orbax: the saved optimizer tree is not this run's (grad_clip switched on or off)
+        raise ConfigError(f"init_from={cfg.train.init_from}: its optimizer state does not fit this run's optimizer "
+                          f"({str(e).splitlines()[0][:120]}); pass --reset_optimizer=True") from None
+    finally:
+        manager.close()
+    log.say(f"initialised from {path} step {step}"
+            f"{': its parameters only, a fresh optimizer state from step 0' if reset else ''}")
+    if reset:
+        opt_state, step = jax.jit(tx.init, out_shardings=shardings.opt_state)(params), 0
+    return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), params, opt_state)
 
 
 class Run:
@@ -181,14 +232,21 @@ class Run:
         self.cfg, self.mesh, self.model, self.tx, self.shardings = cfg, mesh, model, tx, shardings
         self.manager, self.batches, self.log, self.checkpoint_meta = manager, batches, log, checkpoint_meta
         self.eval_step = jax.jit(make_eval_step(model))
+        self.token_bytes = jnp.asarray(token_bytes(cfg.data.tokenizer))
+        self.save_steps = save_steps(cfg.train)
         self.mfu_warned = False
         self.last_saved: int | None = None
 
     def evaluate(self, params) -> dict:
+        """Mean loss over eval_iters fixed batches of each split, and the validation bits per byte (the
+        batches' nats over their targets' UTF-8 bytes: comparable across tokenizers)."""
         t = self.cfg.train
-        losses = {s: float(np.mean([self.eval_step(params, self.batches.eval(s, i)) for i in range(t.eval_iters)]))
-                  for s in ("train", "val")}
-        return {"val_loss": losses["val"], "train_loss": losses["train"]}
+        results = {s: np.array(jax.device_get([self.eval_step(params, self.batches.eval(s, i), self.token_bytes)
+                                               for i in range(t.eval_iters)]), np.float64)
+                   for s in ("train", "val")}  # [eval_iters, (mean loss, target bytes)]
+        val_nats = results["val"][:, 0].sum() * self.cfg.data.batch_size * self.cfg.model.block_size
+        return {"val_loss": float(results["val"][:, 0].mean()), "train_loss": float(results["train"][:, 0].mean()),
+                "val_bpb": float(val_nats / (np.log(2) * results["val"][:, 1].sum()))}
 
     def save(self, state: TrainState, step: int) -> None:
         # Batches and dropout keys derive from (seed, step) alone: the step is the whole data position.
@@ -278,7 +336,8 @@ class Run:
                     log.row(**last)
                     log.say(f"step {step}: val loss {last['val_loss']:.4f}, train loss {last['train_loss']:.4f}")
                 stop_now, time_due = self.control(step, stop, last_save)
-                if step != start_step and (step % t.checkpoint_interval == 0 or time_due or stop_now):
+                if step != start_step and (step % t.checkpoint_interval == 0 or step in self.save_steps or time_due
+                                           or stop_now):
                     self.save(state, step)
                     last_save = time.monotonic()
                 if stop_now:

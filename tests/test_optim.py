@@ -50,6 +50,22 @@ def nanogpt_lr(it: int, o: OptimConfig) -> float:
     return o.min_lr + coeff * (o.learning_rate - o.min_lr)
 
 
+def wsd_lr(it: int, o: OptimConfig) -> float:
+    """Warmup-stable-decay (Hägele et al. 2024) in plain Python: nanoGPT's warmup, the peak held, then a
+    straight line from learning_rate down to min_lr over the last cooldown_frac of lr_decay_iters."""
+    if it < o.warmup_iters:
+        return o.learning_rate * (it + 1) / (o.warmup_iters + 1)
+    if not o.decay_lr:
+        return o.learning_rate
+    cooldown_steps = round(o.cooldown_frac * o.lr_decay_iters)
+    into_cooldown = it - (o.lr_decay_iters - cooldown_steps)
+    if into_cooldown <= 0:
+        return o.learning_rate
+    if into_cooldown >= cooldown_steps:
+        return o.min_lr
+    return o.learning_rate - (o.learning_rate - o.min_lr) * into_cooldown / cooldown_steps
+
+
 def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
@@ -167,6 +183,38 @@ def test_lr_schedule_matches_nanogpt_get_lr(name):
     np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=f"{name}: steps {steps}")
     # the same values from a Python int step (as the loop may call it) as from a traced one
     assert float(lr_schedule(o)(steps[-1])) == pytest.approx(want[-1], rel=2e-6)
+
+
+WSD_CONFIGS = {
+    "defaults": lambda: hand_made(schedule="wsd"),
+    "half_cooldown": lambda: hand_made(schedule="wsd", cooldown_frac=0.5, learning_rate=1e-3, min_lr=0,
+                                       warmup_iters=7, max_iters=333),
+    "all_cooldown_no_warmup": lambda: hand_made(schedule="wsd", cooldown_frac=1.0, warmup_iters=0, max_iters=50),
+    "decay_before_end": lambda: hand_made(schedule="wsd", lr_decay_iters=100, max_iters=300, warmup_iters=5),
+    "one_step_cooldown": lambda: hand_made(schedule="wsd", cooldown_frac=0.01, max_iters=100, warmup_iters=3),
+    "decay_lr_off": lambda: hand_made(schedule="wsd", decay_lr=False),
+}
+
+
+@pytest.mark.parametrize("name", list(WSD_CONFIGS))
+def test_wsd_schedule_matches_the_reference(name):
+    o = WSD_CONFIGS[name]()
+    cool = o.lr_decay_iters - round(o.cooldown_frac * o.lr_decay_iters)
+    steps = sorted({*schedule_steps(o), cool - 1, cool, cool + 1, (cool + o.lr_decay_iters) // 2} - {-1})
+    got = np.asarray(jax.jit(lr_schedule(o))(jnp.asarray(steps, jnp.int32)), np.float64)
+    np.testing.assert_allclose(got, [wsd_lr(s, o) for s in steps], rtol=2e-6, atol=1e-6 * o.learning_rate,
+                               err_msg=f"{name}: {steps}")  # float32 cancellation near min_lr=0
+
+
+def test_wsd_runs_of_any_length_agree_until_the_shorter_ones_cooldown():
+    """What a WSD sweep relies on: a branch of max_iters=n continued from a longer run's checkpoint at
+    cooldown_start(n) saw exactly the learning rates it would have seen running alone."""
+    long, short = hand_made(schedule="wsd", max_iters=1000, warmup_iters=20), hand_made(
+        schedule="wsd", max_iters=400, warmup_iters=20)
+    branch_at = short.lr_decay_iters - round(short.cooldown_frac * short.lr_decay_iters)
+    steps = jnp.arange(branch_at + 1)
+    np.testing.assert_array_equal(lr_schedule(long)(steps), lr_schedule(short)(steps))
+    assert float(lr_schedule(short)(branch_at + 1)) < float(lr_schedule(long)(branch_at + 1))
 
 
 def test_lr_schedule_shape_on_the_default_run():

@@ -59,7 +59,8 @@ def test_dropout_is_on_in_the_train_step_exactly_when_asked(tiny_cfg):
     for dropout in (0.0, 0.3):
         cfg = tiny_cfg(f"--dropout={dropout}")
         model, tx, _, state = init_state(cfg)
-        eval_loss = float(jax.jit(make_eval_step(model))(state.params, (batch[0][0], batch[1][0])))
+        eval_loss = float(jax.jit(make_eval_step(model))(state.params, (batch[0][0], batch[1][0]),
+                                                          jnp.ones(256, jnp.int32))[0])
         _, metrics = jax.jit(make_train_step(model, tx, cfg))(state, batch)
         assert metrics["finite"].dtype == jnp.bool_ and bool(metrics["finite"])
         if dropout == 0.0:
