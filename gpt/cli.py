@@ -11,7 +11,7 @@ from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse
 TRAIN_USAGE = "usage: python train.py [preset] [--key=value ...]"
 
 
-def _quiet_orbax() -> None:
+def quiet_orbax() -> None:
     import absl.logging  # orbax logs routine notices at WARNING through absl
 
     absl.logging.set_verbosity(absl.logging.ERROR)
@@ -143,7 +143,7 @@ def sample_preflight(argv: list[str]):
     args = parse_args(SampleArgs(), argv, allow_preset=False)
     validate_sample(args.sample)
     prompts = _read_prompts(args.sample)
-    _quiet_orbax()
+    quiet_orbax()
     initialize_distributed(args.mesh)
     s = args.sample
     return args, prompts, load_model(s.init_from, s.out_dir, s.step, args.mesh)
@@ -280,7 +280,7 @@ def run_export(argv: list[str]) -> int:
         from gpt.config import MeshConfig
         from gpt.hf import save_hf
 
-        _quiet_orbax()
+        quiet_orbax()
         try:
             step = int(opts.get("step", -1))
         except ValueError:

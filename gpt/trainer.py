@@ -236,6 +236,7 @@ class Run:
         self.save_steps = save_steps(cfg.train)
         self.mfu_warned = False
         self.last_saved: int | None = None
+        self.started = time.perf_counter()  # train and final rows log elapsed_s since (compile included)
 
     def evaluate(self, params) -> dict:
         """Mean loss over eval_iters fixed batches of each split, and the validation bits per byte (the
@@ -366,6 +367,7 @@ class Run:
                     mfu = self.mfu(timed_steps * self.flops_per_step / elapsed)
                     last = {"step": step, **values, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped,
                             "data_wait_s": (prefetch.wait_s - waited) / timed_steps,
+                            "elapsed_s": time.perf_counter() - self.started,
                             "peak_memory_bytes": metrics.peak_memory()}
                     log.row(**last)
                     eta = (t.max_iters - step - 1) * cfg.tokens_per_step / tok_s
@@ -374,7 +376,7 @@ class Run:
                             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {_fmt_time(eta)}")
                     timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s
 
-            final = {"step": t.max_iters, **self.evaluate(state.params)}
+            final = {"step": t.max_iters, **self.evaluate(state.params), "elapsed_s": time.perf_counter() - self.started}
             log.row(**final)
             log.say(f"step {t.max_iters}: val loss {final['val_loss']:.4f}, train loss {final['train_loss']:.4f} "
                     f"({_fmt_time(time.perf_counter() - run_start)})")

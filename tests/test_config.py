@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gpt.config import (Config, ConfigError, ModelConfig, SampleConfig, _parse_value, load_config, load_preset,
+from gpt.config import (ConfigError, ModelConfig, SampleConfig, _parse_value, load_config, load_preset,
                         read_args, validate_sample)
 
 # key: (values accepted, values refused), each value tried alone over the defaults.

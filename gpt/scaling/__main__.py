@@ -1,0 +1,99 @@
+"""python -m gpt.scaling run|collect|fit ...: the scaling tools' command line (usage errors: one line, exit 2).
+
+    python -m gpt.scaling run GRID [--out=SWEEP_DIR] [--workers=N] [--shard=i/n]
+    python -m gpt.scaling collect SWEEP_DIR
+    python -m gpt.scaling fit RESULTS [--json] [--params=total] [--compute=C] ...   (see gpt/scaling/fit.py)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from gpt.cli import guarded, run_train
+from gpt.config import ConfigError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _options(argv: list[str], allowed: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(positional arguments, {flag: value}) of argv; one line for a flag not in allowed."""
+    positional, options = [], {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            positional.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key not in allowed or not eq:
+            raise ConfigError(f"unknown or malformed option '{arg}': use {', '.join(allowed.values())}")
+        options[key] = value
+    return positional, options
+
+
+def _run(argv: list[str]) -> int:
+    from gpt.scaling.sweep import parse_shard, run_sweep
+
+    positional, opts = _options(argv, {"out": "--out=SWEEP_DIR", "workers": "--workers=N", "shard": "--shard=i/n"})
+    if len(positional) != 1:
+        raise ConfigError("run takes one grid file: python -m gpt.scaling run GRID [--out=DIR] [--workers=N] [--shard=i/n]")
+    workers = opts.get("workers", "1")
+    if not workers.isdigit() or int(workers) < 1:
+        raise ConfigError(f"workers={workers!r}: must be a positive integer")
+    return run_sweep(positional[0], opts.get("out"), int(workers), parse_shard(opts.get("shard", "0/1")))
+
+
+def _collect(argv: list[str]) -> int:
+    from gpt.scaling import collect
+
+    positional, _ = _options(argv, {})
+    if len(positional) != 1 or not (Path(positional[0]) / "points.json").is_file():
+        raise ConfigError(f"collect takes one sweep directory (with points.json), got {positional}")
+    rows = collect.collect(Path(positional[0]))
+    print(collect.table(rows, len(json.loads((Path(positional[0]) / "points.json").read_text()))))
+    return 0
+
+
+def run_point(argv: list[str]) -> int:
+    """One point: train (train.py's command line), then score the whole validation split into eval.json."""
+    from gpt import data
+    from gpt.config import Config
+    from gpt.eval import evaluate
+    from gpt.trainer import checkpoint_steps
+
+    code = run_train(argv)
+    out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir=")))
+    if code:
+        return code
+    cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
+    if checkpoint_steps(str(out))[-1] < cfg.train.max_iters:  # stopped by a signal, its checkpoint saved
+        return 130
+    try:
+        result = evaluate(str(out), split="val")
+    except KeyboardInterrupt:
+        return 130
+    result["corpus_train_tokens"] = data.load_meta(data.dataset_dir(cfg.data))["train_tokens"]  # for epochs
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command in ("-h", "--help", ""):
+        print(USAGE)
+        return 0 if command else 2
+    if command == "point":  # one point of a sweep, started by `run` (train.py's flags)
+        return run_point(rest)
+    if command == "fit":
+        from gpt.scaling import fit
+
+        return guarded(lambda: fit.main(rest))
+    runners = {"run": _run, "collect": _collect}
+    if command not in runners:
+        print(f"error: unknown command {command!r}: use run, collect or fit\n{USAGE}", file=sys.stderr)
+        return 2
+    return guarded(lambda: runners[command](rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
