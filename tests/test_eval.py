@@ -12,7 +12,7 @@ import pytest
 
 from gpt import data, trainer
 from gpt.checkpoint import load_params
-from gpt.cli import _quiet_orbax, guarded
+from gpt.cli import quiet_orbax, guarded
 from gpt.config import Config, MeshConfig
 from gpt.eval import evaluate, main
 from gpt.model import GPT
@@ -126,7 +126,7 @@ def test_gpt2_bits_per_byte_count_every_byte_of_the_file(gpt2_run, tmp_path):
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     """main as `python -m gpt.eval` runs it: orbax quiet, errors turned into one line by gpt.cli.guarded."""
-    _quiet_orbax()
+    quiet_orbax()
     code = guarded(lambda: main(argv))
     out, err = capsys.readouterr()
     return code, out, err
