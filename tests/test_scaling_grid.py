@@ -120,10 +120,25 @@ def test_bad_grids_are_refused_in_one_line_with_exit_code_2(tmp_path, capsys, sw
     (["run", "{grid}", "--workers=0"], "workers='0'"),
     (["run", "{grid}", "--shard=3/3"], "shard='3/3'"),
     (["run", "{grid}", "--threads=2"], "unknown or malformed option '--threads=2'"),
-    (["collect", "{tmp}"], "collect takes one sweep directory"),
+    (["collect", "{tmp}"], "is not a sweep directory"),
+    (["collect"], "collect takes one sweep directory"),
 ])
 def test_bad_command_lines_are_refused_in_one_line(tmp_path, capsys, argv, message):
     grid = write_grid(tmp_path, "depths = [1]\ntokens = [1e4]")
     assert main([a.format(grid=grid, tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_compare_puts_two_runs_of_a_grid_side_by_side():
+    from gpt.scaling.collect import compare
+
+    ours = [{"name": "p1", "val_loss": 2.0, "flops_spent": 1.0, "wall_s": 10.0},
+            {"name": "p2", "val_loss": 1.5, "flops_spent": 1.0, "wall_s": 10.0}]
+    theirs = [{"name": "p1", "val_loss": 2.1, "flops_spent": 2.0, "wall_s": 30.0},
+              {"name": "p2", "val_loss": 1.4, "flops_spent": 2.0, "wall_s": 10.0},
+              {"name": "p3", "val_loss": 9.0, "flops_spent": 9.0, "wall_s": 90.0}]
+    text = compare(ours, theirs)
+    assert "p1" in text and "-0.1000" in text and "+0.1000" in text and "p3" not in text
+    assert "2 points in both: mean |diff| 0.1000, max 0.1000" in text
+    assert "(0.50x)" in text and "20 s vs 40 s (0.50x)" in text

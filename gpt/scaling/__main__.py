@@ -1,8 +1,8 @@
 """python -m gpt.scaling run|collect|fit ...: the scaling tools' command line (usage errors: one line, exit 2).
 
-    python -m gpt.scaling run GRID [--out=SWEEP_DIR] [--workers=N] [--shard=i/n]
-    python -m gpt.scaling collect SWEEP_DIR
-    python -m gpt.scaling fit RESULTS [--json] [--params=total] [--compute=C] ...   (see gpt/scaling/fit.py)
+    python -m gpt.scaling run GRID [--out=SWEEP_DIR] [--workers=N] [--shard=i/n] [--schedule=cosine|wsd]
+    python -m gpt.scaling collect SWEEP_DIR [--against=OTHER_SWEEP_DIR]
+    python -m gpt.scaling fit RESULTS [--json] [--params=total] [--compute=C] ...   (see gpt/scaling/report.py)
 """
 
 from __future__ import annotations
@@ -34,23 +34,35 @@ def _options(argv: list[str], allowed: dict[str, str]) -> tuple[list[str], dict[
 def _run(argv: list[str]) -> int:
     from gpt.scaling.sweep import parse_shard, run_sweep
 
-    positional, opts = _options(argv, {"out": "--out=SWEEP_DIR", "workers": "--workers=N", "shard": "--shard=i/n"})
+    positional, opts = _options(argv, {"out": "--out=SWEEP_DIR", "workers": "--workers=N", "shard": "--shard=i/n",
+                                       "schedule": "--schedule=cosine|wsd"})
     if len(positional) != 1:
-        raise ConfigError("run takes one grid file: python -m gpt.scaling run GRID [--out=DIR] [--workers=N] [--shard=i/n]")
+        raise ConfigError("run takes one grid file: python -m gpt.scaling run GRID [--out=DIR] [--workers=N] "
+                          "[--shard=i/n] [--schedule=cosine|wsd]")
     workers = opts.get("workers", "1")
     if not workers.isdigit() or int(workers) < 1:
         raise ConfigError(f"workers={workers!r}: must be a positive integer")
-    return run_sweep(positional[0], opts.get("out"), int(workers), parse_shard(opts.get("shard", "0/1")))
+    return run_sweep(positional[0], opts.get("out"), int(workers), parse_shard(opts.get("shard", "0/1")),
+                     opts.get("schedule"))
+
+
+def _sweep_dir(path: str) -> Path:
+    if not (Path(path) / "points.json").is_file():
+        raise ConfigError(f"{path!r} is not a sweep directory (it has no points.json)")
+    return Path(path)
 
 
 def _collect(argv: list[str]) -> int:
     from gpt.scaling import collect
 
-    positional, _ = _options(argv, {})
-    if len(positional) != 1 or not (Path(positional[0]) / "points.json").is_file():
-        raise ConfigError(f"collect takes one sweep directory (with points.json), got {positional}")
-    rows = collect.collect(Path(positional[0]))
-    print(collect.table(rows, len(json.loads((Path(positional[0]) / "points.json").read_text()))))
+    positional, opts = _options(argv, {"against": "--against=OTHER_SWEEP_DIR"})
+    if len(positional) != 1:
+        raise ConfigError(f"collect takes one sweep directory, got {positional}")
+    sweep_dir = _sweep_dir(positional[0])
+    rows = collect.collect(sweep_dir)
+    print(collect.table(rows, len(json.loads((sweep_dir / "points.json").read_text()))))
+    if "against" in opts:
+        print(collect.compare(rows, collect.collect(_sweep_dir(opts["against"]))))
     return 0
 
 
@@ -85,9 +97,9 @@ def main(argv: list[str]) -> int:
     if command == "point":  # one point of a sweep, started by `run` (train.py's flags)
         return run_point(rest)
     if command == "fit":
-        from gpt.scaling import fit
+        from gpt.scaling import report
 
-        return guarded(lambda: fit.main(rest))
+        return guarded(lambda: report.main(rest))
     runners = {"run": _run, "collect": _collect}
     if command not in runners:
         print(f"error: unknown command {command!r}: use run, collect or fit\n{USAGE}", file=sys.stderr)

@@ -104,3 +104,22 @@ def table(rows: list[dict], planned: int) -> str:
                  + (f", {100 * (1 - spent / alone):.0f}% less than running each point alone ({alone:.3e})"
                     if spent < alone else ""))
     return "\n".join(lines)
+
+
+def compare(rows: list[dict], other: list[dict]) -> str:
+    """The same grid run two ways (say WSD branches against independent cosine runs): each point's final
+    validation loss in both and their difference, and the compute and wall time each spent in all."""
+    theirs = {r["name"]: r for r in other}
+    shared = [r for r in rows if r["name"] in theirs]
+    lines = [f"{'point':<24} {'loss':>8} {'other':>8} {'diff':>8}"]
+    for r in shared:
+        lines.append(f"{r['name']:<24} {r['val_loss']:>8.4f} {theirs[r['name']]['val_loss']:>8.4f} "
+                     f"{r['val_loss'] - theirs[r['name']]['val_loss']:>+8.4f}")
+    if shared:
+        diffs = [abs(r["val_loss"] - theirs[r["name"]]["val_loss"]) for r in shared]
+        spent = sum(r["flops_spent"] for r in shared), sum(theirs[r["name"]]["flops_spent"] for r in shared)
+        wall = sum(r["wall_s"] for r in shared), sum(theirs[r["name"]]["wall_s"] for r in shared)
+        lines.append(f"{len(shared)} points in both: mean |diff| {sum(diffs) / len(diffs):.4f}, max {max(diffs):.4f}; "
+                     f"compute {spent[0]:.3e} vs {spent[1]:.3e} FLOPs ({spent[0] / spent[1]:.2f}x), "
+                     f"training wall time {wall[0]:.0f} s vs {wall[1]:.0f} s ({wall[0] / wall[1]:.2f}x)")
+    return "\n".join(lines)

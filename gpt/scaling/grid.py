@@ -105,9 +105,9 @@ def _shapes(sweep: dict) -> list[dict]:
     return out
 
 
-def load_grid(path: str) -> tuple[dict, dict, list[Point]]:
-    """(the [sweep] table, the [train] table, the points) of a grid file; one-line ConfigError for anything
-    wrong in it, including any key train.py would refuse."""
+def load_grid(path: str, schedule: str | None = None) -> tuple[dict, dict, list[Point]]:
+    """(the [sweep] table, the [train] table, the points) of a grid file, its schedule replaced if given;
+    one-line ConfigError for anything wrong in it, including any key train.py would refuse."""
     file = Path(path)
     if not file.is_file():
         candidate = Path(str(CONFIGS_DIR / f"{path.removesuffix('.toml')}.toml"))
@@ -127,6 +127,8 @@ def load_grid(path: str) -> tuple[dict, dict, list[Point]]:
         raise ConfigError(f"grid {file}: unknown [sweep] key(s) {sorted(unknown)}: use {', '.join(sorted(SWEEP_KEYS))}")
     if ("tokens" in sweep) == ("flops" in sweep):
         raise ConfigError(f"grid {file}: give either tokens (budgets per shape) or flops (IsoFLOP budgets)")
+    if schedule is not None:
+        sweep["schedule"] = schedule
     for key in ("out_dir", "init_from", "max_iters"):
         if key in train:
             raise ConfigError(f"grid {file}: [train] may not set {key}: the sweep sets it per point")

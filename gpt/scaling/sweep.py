@@ -1,7 +1,7 @@
 """Running a sweep: each point an ordinary training run in SWEEP_DIR/<point>, then scored on the whole
 validation split (gpt/eval.py) into SWEEP_DIR/<point>/eval.json.
 
-    python -m gpt.scaling run GRID [--out=SWEEP_DIR] [--workers=N] [--shard=i/n]
+    python -m gpt.scaling run GRID [--out=SWEEP_DIR] [--workers=N] [--shard=i/n] [--schedule=cosine|wsd]
 
 Resumable: a point with eval.json is done and skipped; one with checkpoints resumes from the latest (a
 Ctrl-C or SIGTERM makes every running point save first). --workers=N runs N points side by side, each on its
@@ -164,9 +164,11 @@ class Sweep:
         return failed, skipped
 
 
-def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int]) -> int:
-    sweep, _, points = load_grid(grid)
-    sweep_dir = Path(out or Path("sweeps") / Path(grid).name.removesuffix(".toml"))
+def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int], schedule: str | None = None) -> int:
+    """Run (or resume) this shard's points of the grid, collect the table, and fit it once the grid is done.
+    The sweep directory defaults to sweeps/<grid name>-<schedule>."""
+    sweep, _, points = load_grid(grid, schedule)
+    sweep_dir = Path(out or Path("sweeps") / f"{Path(grid).name.removesuffix('.toml')}-{sweep.get('schedule', 'cosine')}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     plan = json.dumps([dataclasses.asdict(p) for p in points], indent=1) + "\n"
     saved = sweep_dir / "points.json"
@@ -181,8 +183,10 @@ def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int]) 
     previous = signal.signal(signal.SIGTERM, runner.forward)
     try:
         failed, skipped = runner.run()
-    except KeyboardInterrupt:  # the points got the Ctrl-C too (one process group): they save and stop
-        runner.stopping = True
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached the points too (one process group), a `kill -INT` only this process:
+        # SIGTERM makes each save and stop either way (a second SIGINT would stop them without saving).
+        runner.forward(signal.SIGTERM, None)
         with runner.lock:
             children = list(runner.running.values())
         for child in children:
@@ -200,4 +204,11 @@ def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int]) 
         print(f"error: {len(failed)} point(s) failed ({', '.join(failed)})"
               + (f"; not started, as their long run failed: {', '.join(skipped)}" if skipped else ""), file=sys.stderr)
         return 1
+    if len(rows) == len(points):  # the whole grid is done (on this machine or by every shard): fit and plot it
+        from gpt.scaling import report
+
+        try:
+            report.main([str(sweep_dir)])
+        except ConfigError as e:
+            print(f"fit skipped: {e}")
     return 0
