@@ -273,6 +273,8 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {path}: {e}") from None
+    if "sweep" in values:
+        raise ConfigError(f"{path.stem} is a sweep grid: run it with python -m gpt.scaling run {name}")
     if "base" not in values:
         return values
     base = values.pop("base")

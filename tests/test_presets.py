@@ -13,7 +13,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESETS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.toml"))
+CONFIG_FILES = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.toml"))
+# configs/ also holds sweep grids (a [sweep] table: gpt/scaling/grid.py reads them), which are no presets.
+GRIDS = [p for p in CONFIG_FILES if "sweep" in tomllib.loads(p.read_text(encoding="utf-8"))]
+PRESETS = [p for p in CONFIG_FILES if p not in GRIDS]
 GPT2 = ["gpt2_124m", "gpt2_350m", "gpt2_774m", "gpt2_1558m"]
 
 
@@ -23,13 +26,20 @@ def own_keys(name: str) -> dict:
 
 
 def test_the_installed_presets_are_the_ones_in_configs():
-    assert sorted(p.name for p in CONFIGS_DIR.iterdir() if p.name.endswith(".toml")) == [p.name for p in PRESETS]
+    assert sorted(p.name for p in CONFIGS_DIR.iterdir() if p.name.endswith(".toml")) == [p.name for p in CONFIG_FILES]
 
 
 @pytest.mark.parametrize("name", [p.stem for p in PRESETS])
 def test_every_preset_loads_and_validates(name):
     cfg = load_config([name])
     assert cfg.to_dict().items() >= load_preset(name).items()  # every key it states, as it states it
+
+
+@pytest.mark.parametrize("name", [p.stem for p in GRIDS])
+def test_a_sweep_grid_given_as_a_preset_is_refused_with_what_to_run(name):
+    assert GRIDS  # configs/scaling_shakespeare.toml at least
+    with pytest.raises(ConfigError, match=f"{name} is a sweep grid: run it with python -m gpt.scaling run"):
+        load_config([name])
 
 
 @pytest.mark.parametrize("name", ["gpt2_350m", "gpt2_774m", "gpt2_1558m"])
