@@ -374,9 +374,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule={o.schedule!r}: use cosine or wsd")
     if not 0.0 < o.cooldown_frac <= 1.0:
         raise ConfigError(f"cooldown_frac={o.cooldown_frac}: must be in (0, 1]")
-    if o.schedule == "wsd" and o.warmup_iters > cooldown_start(o.cooldown_frac, decay_end):
-        raise ConfigError(f"warmup_iters={o.warmup_iters} runs into the wsd cooldown, which starts at step "
+    warmup = o.warmup_iters if o.warmup_iters >= 0 else auto_warmup(t.max_iters)  # as resolve() will
+    if o.schedule == "wsd" and warmup > cooldown_start(o.cooldown_frac, decay_end):
+        raise ConfigError(f"warmup_iters={warmup} runs into the wsd cooldown, which starts at step "
                           f"{cooldown_start(o.cooldown_frac, decay_end)}: lower cooldown_frac or warmup_iters")
+
+
+def auto_warmup(max_iters: int) -> int:
+    """warmup_iters=-1: 10% of the run."""
+    return max_iters // 10
 
 
 def cooldown_start(cooldown_frac: float, decay_end: int) -> int:
@@ -405,7 +411,7 @@ def resolve(cfg: Config) -> Config:
     """Fill the automatic (-1) values from the others, so the saved config says what actually ran."""
     o, t = cfg.optim, cfg.train
     if o.warmup_iters == -1:
-        o.warmup_iters = t.max_iters // 10
+        o.warmup_iters = auto_warmup(t.max_iters)
     if o.lr_decay_iters == -1:
         o.lr_decay_iters = t.max_iters
     if o.min_lr < 0:

@@ -67,6 +67,7 @@ def test_reset_optimizer_keeps_the_parameters_and_starts_over_at_step_0(data_dir
     (["--schedule=linear"], "schedule='linear': use cosine or wsd"),
     (["--schedule=wsd", "--cooldown_frac=0"], "cooldown_frac=0.0: must be in (0, 1]"),
     (["--schedule=wsd", "--warmup_iters=7"], "runs into the wsd cooldown"),
+    (["--schedule=wsd", "--cooldown_frac=0.95", "--max_iters=100"], "warmup_iters=10 runs into the wsd cooldown"),
 ])
 def test_bad_starts_are_refused_in_one_line(data_dir, tmp_path, flags, message):
     src = tmp_path / "src"

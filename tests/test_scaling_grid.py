@@ -80,6 +80,15 @@ def test_wsd_grid_branches_each_shorter_run_off_the_longest_at_its_cooldown(tmp_
     assert trunk.flags["save_steps"] == "8,16" and trunk.save_steps == (8, 16)
 
 
+def test_a_wsd_run_with_no_step_to_branch_from_runs_alone(tmp_path):
+    """cooldown_frac=1: every run decays from step 0, which no run saves: each trains alone (as wsd)."""
+    _, _, points = load_grid(write_grid(tmp_path, 'shapes = [{n_layer = 1, n_embd = 32, n_head = 2}]\n'
+                                        'tokens = [2560, 5120]\nschedule = "wsd"\ncooldown_frac = 1.0\n'
+                                        'warmup_frac = 0'))
+    assert [(p.mode, p.branch_of, p.save_steps) for p in points] == [("wsd", None, ())] * 2
+    assert all("save_steps" not in p.flags for p in points)
+
+
 def test_shards_cover_the_grid_once_and_keep_a_wsd_shape_together(tmp_path):
     grid = 'shapes = [{n_layer = 1, n_embd = 32, n_head = 2}, {n_layer = 2, n_embd = 32, n_head = 2}]\n' \
            'tokens = [2560, 5120, 12800]'
@@ -102,8 +111,13 @@ def test_shards_cover_the_grid_once_and_keep_a_wsd_shape_together(tmp_path):
     ("depths = [1]\ntokens = [1e4]", "n_layers = 3\n", "unknown key 'n_layers' (did you mean 'n_layer'?)"),
     ("depths = [1]\ntokens = [1e4]", "max_iters = 3\n", "may not set max_iters"),
     ("depths = [1]\ntokens = [1e4]\naspect = 30", "", "head_dim=64 does not divide"),
-    ("depths = [1]\ntokens = [1e4, 1.01e4]\naspect = 64", "block_size = 32\nbatch_size = 8\n", "round to the same"),
+    ("depths = [1]\ntokens = [1e4, 1.01e4]\naspect = 64", "block_size = 32\nbatch_size = 8\n", "the same shape and step count"),
     ('depths = [1]\ntokens = [1e4]\nschedule = "linear"', "", "schedule='linear'"),
+    ("depths = [1]\ntokens = [1e4]", 'schedule = "wsd"\n', "[train] may not set schedule: use schedule in [sweep]"),
+    ("depths = [1]\ntokens = [1e4]", "warmup_iters = 3\n", "may not set warmup_iters: use warmup_frac"),
+    ("shapes = [{n_layer = 1, n_embd = 32, n_head = 2, reset_optimizer = true}]\ntokens = [1e4]", "",
+     "may not set reset_optimizer"),
+    ("depths = [1]\ntokens = [1e4]\nhead_dim = 0", "", "head_dim=0 must be a positive integer"),
 ])
 def test_bad_grids_are_refused_in_one_line_with_exit_code_2(tmp_path, capsys, sweep, train, message):
     path = write_grid(tmp_path, sweep, train or "block_size = 32\nbatch_size = 8\n")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def run_point(argv: list[str]) -> int:
     from gpt import data
     from gpt.config import Config
     from gpt.eval import evaluate
+    from gpt.scaling.collect import write_atomic
     from gpt.trainer import checkpoint_steps
 
     code = run_train(argv)
@@ -78,14 +80,15 @@ def run_point(argv: list[str]) -> int:
     if code:
         return code
     cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
-    if checkpoint_steps(str(out))[-1] < cfg.train.max_iters:  # stopped by a signal, its checkpoint saved
+    saved = checkpoint_steps(str(out))
+    if not saved or saved[-1] < cfg.train.max_iters:  # stopped by a signal (having saved what it trained)
         return 130
     try:
         result = evaluate(str(out), split="val")
     except KeyboardInterrupt:
         return 130
     result["corpus_train_tokens"] = data.load_meta(data.dataset_dir(cfg.data))["train_tokens"]  # for epochs
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / "eval.json", json.dumps(result, indent=1) + "\n")  # its existence marks the point done
     return 0
 
 
@@ -95,6 +98,10 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0 if command else 2
     if command == "point":  # one point of a sweep, started by `run` (train.py's flags)
+        from gpt.scaling.sweep import CPUS_ENV
+
+        if os.environ.get(CPUS_ENV):  # this worker's share of the cores, taken before JAX starts
+            os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
         return run_point(rest)
     if command == "fit":
         from gpt.scaling import report

@@ -69,8 +69,9 @@ def summarize(sweep_dir: Path, point: dict) -> dict | None:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Shards of one sweep may collect at the same time: each writes whole files or nothing."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write the whole file or nothing (shards of one sweep may collect at the same time; a point killed
+    while writing its eval.json must not look done)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
@@ -81,12 +82,12 @@ def collect(sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     points = json.loads((sweep_dir / "points.json").read_text())
     rows = [row for point in points if (row := summarize(sweep_dir, point))]
-    _write_atomic(sweep_dir / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(sweep_dir / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows([[r[c] for c in COLUMNS] for r in rows])
-    _write_atomic(sweep_dir / "summary.csv", text.getvalue())
+    write_atomic(sweep_dir / "summary.csv", text.getvalue())
     return rows
 
 

@@ -40,6 +40,12 @@ else:  # pragma: no cover
 SWEEP_KEYS = {"shapes", "depths", "aspect", "head_dim", "tokens", "flops", "schedule", "cooldown_frac",
               "warmup_frac", "preset"}
 SHAPE_KEYS = ("n_layer", "n_embd", "n_head")
+# Keys the sweep sets per point, with where to say what is meant instead.
+RESERVED = {"out_dir": "the sweep directory holds one per point", "init_from": "the sweep sets it",
+            "max_iters": "budgets set it", "lr_decay_iters": "each point decays to its last step",
+            "warmup_iters": "use warmup_frac in [sweep]", "schedule": "use schedule in [sweep]",
+            "cooldown_frac": "use cooldown_frac in [sweep]", "save_steps": "the WSD plan sets it",
+            "reset_optimizer": "a WSD branch continues its long run's optimizer"}
 
 
 @dataclasses.dataclass
@@ -96,6 +102,9 @@ def _shapes(sweep: dict) -> list[dict]:
                 raise ConfigError(f"grid: the shape {s} lacks {', '.join(missing)}")
         return shapes
     aspect, head_dim = sweep.get("aspect", 64), sweep.get("head_dim", 64)
+    for key, value in (("aspect", aspect), ("head_dim", head_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"grid: {key}={value!r} must be a positive integer")
     out = []
     for depth in sweep["depths"]:
         width = aspect * depth
@@ -129,9 +138,10 @@ def load_grid(path: str, schedule: str | None = None) -> tuple[dict, dict, list[
         raise ConfigError(f"grid {file}: give either tokens (budgets per shape) or flops (IsoFLOP budgets)")
     if schedule is not None:
         sweep["schedule"] = schedule
-    for key in ("out_dir", "init_from", "max_iters"):
-        if key in train:
-            raise ConfigError(f"grid {file}: [train] may not set {key}: the sweep sets it per point")
+    for where, table in [("[train]", train), *((f"shape {s}", s) for s in sweep.get("shapes", [])
+                                                 if isinstance(s, dict))]:
+        for key in set(table) & set(RESERVED):
+            raise ConfigError(f"grid {file}: {where} may not set {key}: {RESERVED[key]}")
     return sweep, train, plan_points(sweep, train)
 
 
@@ -164,7 +174,8 @@ def plan_points(sweep: dict, train: dict) -> list[Point]:
     for shape, cfg, steps, budget in planned:
         name = f"L{shape['n_layer']}-D{shape['n_embd']}-H{shape['n_head']}-S{steps}"
         if name in points:
-            raise ConfigError(f"grid: two budgets of the shape {shape} round to the same {steps} steps: spread them")
+            raise ConfigError(f"grid: two points would both be {name} (the same shape and step count): spread "
+                              "the budgets, or drop the repeated shape")
         flags = {**train, **shape, "max_iters": steps, "warmup_iters": warmup, "schedule": schedule,
                  "cooldown_frac": cooldown, "lr_decay_iters": steps}
         validate(apply_layers(copy.deepcopy(cfg), [(f"grid point {name}", flags)]))  # fails before any point runs
@@ -181,9 +192,9 @@ def _branch(points: list[Point]) -> list[Point]:
     for runs in by_shape.values():
         trunk = max(runs, key=lambda p: p.steps)
         for p in runs:
-            if p is not trunk and p.steps != trunk.steps:
-                p.mode, p.branch_of = "wsd-branch", trunk.name
-                p.branch_step = cooldown_start(p.flags["cooldown_frac"], p.steps)
+            start = cooldown_start(p.flags["cooldown_frac"], p.steps)
+            if p is not trunk and 0 < start < p.steps:  # else no checkpoint to branch from, or no cooldown: alone
+                p.mode, p.branch_of, p.branch_step = "wsd-branch", trunk.name, start
         trunk.save_steps = tuple(sorted({p.branch_step for p in runs if p.branch_of}))
         if trunk.save_steps:
             trunk.flags["save_steps"] = ",".join(map(str, trunk.save_steps))

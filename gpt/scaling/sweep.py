@@ -29,6 +29,10 @@ from gpt.scaling import collect
 from gpt.scaling.grid import SHAPE_KEYS, Point, load_grid
 
 
+# The CPU cores a point may use (comma-separated): it pins itself to them before JAX starts its threads.
+CPUS_ENV = "GPT_SWEEP_CPUS"
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     index, slash, count = text.partition("/")
     if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -58,20 +62,21 @@ def _gpu_count() -> int:
 
 
 def worker_slots(workers: int) -> tuple[list[dict], str]:
-    """What each of `workers` side-by-side runs gets: {"env": ..., "cpus": ...}, and a sentence saying so."""
+    """The environment each of `workers` side-by-side runs gets (its GPUs, or its CPU cores), and a
+    sentence saying so."""
     gpus = _gpu_count()
     if gpus:
         if gpus % workers:
             raise ConfigError(f"workers={workers} does not divide the {gpus} GPUs evenly")
         ids = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
         per = gpus // workers
-        return ([{"env": {"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])}, "cpus": None}
-                 for i in range(workers)], f"{workers} worker(s), {per} GPU(s) each")
+        return ([{"env": {"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])}} for i in range(workers)],
+                f"{workers} worker(s), {per} GPU(s) each")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if workers > len(cores):
         raise ConfigError(f"workers={workers} is more than the {len(cores)} CPU cores this process may use")
     per = len(cores) // workers
-    return ([{"env": {}, "cpus": set(cores[i * per:(i + 1) * per])} for i in range(workers)],
+    return ([{"env": {CPUS_ENV: ",".join(map(str, cores[i * per:(i + 1) * per]))}} for i in range(workers)],
             f"{workers} worker(s), {per} CPU core(s) each")
 
 
@@ -106,13 +111,12 @@ class Sweep:
             slot = self.free.pop()
         try:
             log = open(self.dir / point.name / "train.log", "a")
-            cpus = slot["cpus"]
-            child = subprocess.Popen(
-                [sys.executable, "-m", "gpt.scaling", "point", *point_argv(self.dir, point)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slot["env"]},
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+            child = subprocess.Popen([sys.executable, "-m", "gpt.scaling", "point", *point_argv(self.dir, point)],
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slot["env"]})
             with self.lock:
                 self.running[point.name] = child
+                if self.stopping:  # the stop came while this point was starting: it stops too
+                    child.send_signal(signal.SIGTERM)
             code = child.wait()
             log.close()
             return code
@@ -121,12 +125,14 @@ class Sweep:
                 self.running.pop(point.name, None)
                 self.free.append(slot)
 
-    def forward(self, signum, frame) -> None:
-        """SIGTERM (a scheduler's preemption): every running point saves and stops; nothing new starts."""
+    def stop(self, signum=None, frame=None) -> None:
+        """The handler of SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption): nothing new starts, and
+        every running point gets SIGTERM, so it saves and stops (a terminal's Ctrl-C also reaches the
+        points themselves, and a second SIGINT would stop them without saving)."""
         self.stopping = True
         with self.lock:
             for child in self.running.values():
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM)
 
     def run(self) -> tuple[list[str], list[str]]:
         """Run every point not yet done, at most len(slots) at once, branches after their long run.
@@ -172,28 +178,21 @@ def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int], 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     plan = json.dumps([dataclasses.asdict(p) for p in points], indent=1) + "\n"
     saved = sweep_dir / "points.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(plan):
+    if not saved.is_file():
+        collect.write_atomic(saved, plan)  # shards starting together may race here: whole files only
+    elif json.loads(saved.read_text()) != json.loads(plan):
         raise ConfigError(f"{sweep_dir} holds a sweep of another grid (its points.json differs): use another --out")
-    saved.write_text(plan)
     slots, how = worker_slots(workers)
     mine = shard_points(points, *shard)
     print(f"sweep {grid}: {len(points)} points in {sweep_dir}; this shard ({shard[0]}/{shard[1]}) runs {len(mine)} "
           f"with {how}", flush=True)
     runner = Sweep(sweep_dir, mine, slots)
-    previous = signal.signal(signal.SIGTERM, runner.forward)
+    previous = {s: signal.signal(s, runner.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         failed, skipped = runner.run()
-    except KeyboardInterrupt:
-        # A terminal's Ctrl-C reached the points too (one process group), a `kill -INT` only this process:
-        # SIGTERM makes each save and stop either way (a second SIGINT would stop them without saving).
-        runner.forward(signal.SIGTERM, None)
-        with runner.lock:
-            children = list(runner.running.values())
-        for child in children:
-            child.wait()
-        failed, skipped = [], []
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     rows = collect.collect(sweep_dir)
     print(collect.table(rows, len(points)))
     if runner.stopping:
