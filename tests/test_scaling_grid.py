@@ -136,6 +136,7 @@ def test_bad_grids_are_refused_in_one_line_with_exit_code_2(tmp_path, capsys, sw
     (["run", "{grid}", "--threads=2"], "unknown or malformed option '--threads=2'"),
     (["collect", "{tmp}"], "is not a sweep directory"),
     (["collect"], "collect takes one sweep directory"),
+    (["bogus"], "unknown command 'bogus': use run, collect or fit"),
 ])
 def test_bad_command_lines_are_refused_in_one_line(tmp_path, capsys, argv, message):
     grid = write_grid(tmp_path, "depths = [1]\ntokens = [1e4]")

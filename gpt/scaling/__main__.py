@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
         return guarded(lambda: report.main(rest))
     runners = {"run": _run, "collect": _collect}
     if command not in runners:
-        print(f"error: unknown command {command!r}: use run, collect or fit\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command {command!r}: use run, collect or fit (--help shows how)", file=sys.stderr)
         return 2
     return guarded(lambda: runners[command](rest))
 
