@@ -8,9 +8,9 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", ..
 them to mesh axes, so no layer here knows how it is sharded. Parameters are float32; `dtype` sets the
 compute precision of the matmuls.
 
-Attention in training runs through `jax.nn.dot_product_attention` with the kernel `attention_backend`
-picks: cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16), XLA's attention (which materialises the
-[batch, heads, T, T] scores) everywhere else. `remat` recomputes each block's activations in the backward
+Attention in training runs on the kernel `attention_backend` picks: cuDNN's fused flash attention
+(`jax.nn.dot_product_attention`) on NVIDIA GPUs (bf16/fp16), and everywhere else `attention`: the
+[batch, heads, T, T] scores made by two batched matmuls, as the decoder computes them. `remat` recomputes each block's activations in the backward
 pass instead of keeping them, by one of `REMAT_POLICIES`.
 
 Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, heads, cache_len, head_dim], passed
@@ -101,11 +101,14 @@ REMAT_POLICIES = {
 }
 
 
-def cached_attention(q, k, v, mask):
-    """Attention of q [B, T, heads, hd] over a cache k, v [B, heads, S, hd] where mask [B, 1, T, S] allows.
+def attention(q, k, v, mask):
+    """Attention of q [B, T, heads, hd] over k, v [B, heads, S, hd] (a KV cache, or this chunk's keys and
+    values) where mask [B or 1, 1, T, S] allows.
 
-    The cache is stored heads-major so these two matmuls read it in place: with the [B, S, heads, hd] layout
-    XLA transposed the whole cache on every decoded token."""
+    Keys and values are heads-major so these two matmuls read them in place: with the [B, S, heads, hd] layout
+    XLA transposed the whole cache on every decoded token. In training the same form beat the XLA path of
+    jax.nn.dot_product_attention on a CPU by 12% per step at GPT-2 small's shape (137 -> 153 tokens/s;
+    its softmax ran on a layout that cost XLA:CPU 2.5x more time)."""
     scores = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     return jnp.einsum("bnts,bnsh->btnh", probs.astype(q.dtype), v.astype(q.dtype))
@@ -121,14 +124,17 @@ class CausalSelfAttention(nn.Module):
         # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
         qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is None:  # training and evaluation: causal attention by the kernel attention_backend picks
-            backend = attention_backend(cfg) if mask is None else "xla"
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=backend)
+        if cache is None and mask is None and attention_backend(cfg) == "cudnn":  # training on an NVIDIA GPU
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        elif cache is None:  # training and evaluation elsewhere, or a masked prefill: causal unless mask says
+            if mask is None:
+                mask = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, None]
+            y = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         else:  # decoding: write this chunk's keys/values at cache_index, attend over the whole cache
             k, v = (jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
                     for c, x in zip(cache, (k, v)))
             cache = (k, v)
-            y = cached_attention(q, k, v, mask)
+            y = attention(q, k, v, mask)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=residual_std, n_in=2, name="c_proj")(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
