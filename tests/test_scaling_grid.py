@@ -118,6 +118,8 @@ def test_shards_cover_the_grid_once_and_keep_a_wsd_shape_together(tmp_path):
     ("shapes = [{n_layer = 1, n_embd = 32, n_head = 2, reset_optimizer = true}]\ntokens = [1e4]", "",
      "may not set reset_optimizer"),
     ("depths = [1]\ntokens = [1e4]\nhead_dim = 0", "", "head_dim=0 must be a positive integer"),
+    ('depths = [1]\ntokens = [1e4]\nwarmup_frac = "a tenth"', "", "warmup_frac='a tenth' must be a number in [0, 1]"),
+    ("depths = [1]\ntokens = [1e4]\npreset = 3", "", "preset=3 must be a preset name or a .toml path"),
 ])
 def test_bad_grids_are_refused_in_one_line_with_exit_code_2(tmp_path, capsys, sweep, train, message):
     path = write_grid(tmp_path, sweep, train or "block_size = 32\nbatch_size = 8\n")

@@ -89,6 +89,13 @@ def _number_list(table: dict, key: str) -> list[float]:
     return sorted(float(v) for v in values)
 
 
+def _fraction(sweep: dict, key: str, default: float) -> float:
+    value = sweep.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ConfigError(f"grid: {key}={value!r} must be a number in [0, 1]")
+    return float(value)
+
+
 def _shapes(sweep: dict) -> list[dict]:
     if ("shapes" in sweep) == ("depths" in sweep):
         raise ConfigError("grid: give either shapes (explicit n_layer/n_embd/n_head) or depths (the width rule)")
@@ -138,6 +145,8 @@ def load_grid(path: str, schedule: str | None = None) -> tuple[dict, dict, list[
         raise ConfigError(f"grid {file}: give either tokens (budgets per shape) or flops (IsoFLOP budgets)")
     if schedule is not None:
         sweep["schedule"] = schedule
+    if not isinstance(sweep.get("preset", ""), str):
+        raise ConfigError(f"grid {file}: preset={sweep['preset']!r} must be a preset name or a .toml path")
     for where, table in [("[train]", train), *((f"shape {s}", s) for s in sweep.get("shapes", [])
                                                  if isinstance(s, dict))]:
         for key in set(table) & set(RESERVED):
@@ -154,7 +163,7 @@ def plan_points(sweep: dict, train: dict) -> list[Point]:
     schedule = sweep.get("schedule", "cosine")
     if schedule not in ("cosine", "wsd"):
         raise ConfigError(f"grid: schedule={schedule!r}: use cosine or wsd")
-    cooldown, warmup_frac = float(sweep.get("cooldown_frac", 0.2)), float(sweep.get("warmup_frac", 0.1))
+    cooldown, warmup_frac = _fraction(sweep, "cooldown_frac", 0.2), _fraction(sweep, "warmup_frac", 0.1)
     budgets_key = "tokens" if "tokens" in sweep else "flops"
     budgets = _number_list(sweep, budgets_key)
     planned = []  # (shape, cfg, steps, budget C or None)
