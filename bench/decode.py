@@ -3,6 +3,10 @@
     python bench/decode.py [--model=tiny|gpt2_124m] [--prompt_len=64] [--new_tokens=128] [--repeats=3] [--batches=1,8]
 
 Weights are random (speed does not depend on their values); the shapes are the named model's.
+
+The bandwidth bound: a decode step reads every parameter and the whole KV cache once, so at batch B it cannot
+beat B x (memory bandwidth) / (parameter bytes + cache bytes) tokens/s; the bandwidth is measured here, as the
+best of 5 reductions over a 1 GiB float32 array (every core reading).
 """
 
 import argparse
@@ -32,6 +36,13 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def memory_bandwidth() -> float:
+    """Bytes/s the devices read: the best of 5 jitted sums over a 1 GiB float32 array."""
+    x = jax.numpy.ones((1 << 28,), jax.numpy.float32)
+    total = jax.jit(lambda a: a.sum())
+    return x.nbytes / best_time(lambda: total(x), 5)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="gpt2_124m")
@@ -47,6 +58,9 @@ def main():
     rules = Rules(temperature=0.8, top_k=0, top_p=1.0)
     result = {"bench": "decode", "model": a.model, "dtype": a.dtype, "device": jax.devices()[0].device_kind,
               "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
+    bandwidth = memory_bandwidth()
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    result.update(memory_bandwidth_bytes_per_s=bandwidth, param_bytes=param_bytes)
     rng = np.random.default_rng(0)
     for batch in map(int, a.batches.split(",")):
         prompts = rng.integers(0, cfg.vocab_size, (batch, a.prompt_len)).tolist()
@@ -60,10 +74,14 @@ def main():
         t_prefill = best_time(prefill, a.repeats)
         t_first = best_time(lambda: gen.generate(prompts, 1, rules, seed=0), a.repeats)
         t_total = best_time(generate, a.repeats)
+        decode = batch * (a.new_tokens - 1) / (t_total - t_first)
+        cache_bytes = 2 * cfg.n_layer * batch * (length + a.new_tokens) * cfg.n_embd * np.dtype(a.dtype).itemsize
+        bound = batch * bandwidth / (param_bytes + cache_bytes)
         result[f"batch{batch}"] = {
             "prefill_tokens_per_s": batch * a.prompt_len / t_prefill,
             "first_token_latency_ms": 1e3 * t_first,
-            "decode_tokens_per_s": batch * (a.new_tokens - 1) / (t_total - t_first),
+            "decode_tokens_per_s": decode,
+            "bandwidth_bound_tokens_per_s": bound, "fraction_of_bound": decode / bound,
         }
     print(json.dumps(result))
 
