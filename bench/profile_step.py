@@ -23,10 +23,10 @@ import time
 
 import jax
 
-from common import config_and_flag
+from common import compiled_train_step, config_and_flag
 from gpt import sharding
 from gpt.optim import apply_updates
-from gpt.steps import build, jit_train_step, loss_fn
+from gpt.steps import loss_fn
 
 
 def kind(name: str) -> str:
@@ -50,12 +50,8 @@ def main(argv: list[str]) -> None:
     cfg, steps = config_and_flag(argv, "steps", 5)
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
-        model, tx, _, shardings, init = build(cfg, mesh)
-        state = init(jax.random.key(0))
-        shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
-        x = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size)
-        batch = jax.device_put((x, x), sharding.batch_sharding(mesh, leading=1))
-        step = jit_train_step(model, tx, cfg, shardings).lower(state, batch).compile()
+        model, tx, state, batch, step, _ = compiled_train_step(cfg, mesh)
+        x = batch[0]
         loss = jax.jit(lambda p: loss_fn(p, model, x[0], x[0], None, True))
         grad = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, model, x[0], x[0], None, True))
         grads = grad(state.params)[1]

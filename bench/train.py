@@ -11,28 +11,18 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
-from common import config_and_flag
+from common import compiled_train_step, config_and_flag
 from gpt import sharding
 from gpt.metrics import peak_memory, run_peak_flops
 from gpt.model import attention_backend, flops_per_token, param_counts
-from gpt.steps import build, jit_train_step
 
 
 def main(argv: list[str]) -> None:
     cfg, steps = config_and_flag(argv, "steps", 10)
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.activate(mesh):
-        model, tx, abstract, shardings, init = build(cfg, mesh)
-        state = init(jax.random.key(0))
-        shape = (cfg.optim.gradient_accumulation_steps, cfg.data.batch_size, cfg.model.block_size)
-        tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
-        batch = jax.device_put((tokens, tokens), sharding.batch_sharding(mesh, leading=1))
-        step = jit_train_step(model, tx, cfg, shardings)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
+        _, _, state, batch, compiled, compile_s = compiled_train_step(cfg, mesh)
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         t0 = time.perf_counter()

@@ -1,25 +1,15 @@
 """The command-line entry points (train.py, sample.py, `python -m gpt.cli prepare|export`, gpt-train,
-gpt-sample): parse, validate, run, and turn every user error into one line on stderr (exit 2 for usage
-errors) instead of a traceback. The only module that prints errors or picks exit codes."""
+gpt-sample): parse, validate and run, every user error turned into one line on stderr by gpt/exits.py."""
 
 from __future__ import annotations
 
 import sys
 
 from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse_args
+from gpt.exits import fail, guarded, quiet_orbax
+from gpt.files import json_lines
 
 TRAIN_USAGE = "usage: python train.py [preset] [--key=value ...]"
-
-
-def quiet_orbax() -> None:
-    import absl.logging  # orbax logs routine notices at WARNING through absl
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 def run_train(argv: list[str]) -> int:
@@ -29,41 +19,12 @@ def run_train(argv: list[str]) -> int:
     return guarded(lambda: _train(argv))
 
 
-def guarded(body) -> int:
-    """body()'s exit code, or the one-line error and exit code of what stopped it."""
-    from gpt.checkpoint import SaveError
-    from gpt.data import PrepareError
-    from gpt.plan import DoesNotFit
-
-    try:
-        return body()
-    except ConfigError as e:
-        return _fail(str(e), 2)
-    except DoesNotFit as e:
-        return _fail(str(e), 3)
-    except (FloatingPointError, SaveError, PrepareError) as e:  # stopped; what was saved before is intact
-        return _fail(str(e), 1)
-    except KeyboardInterrupt:  # before training started (while preparing data or compiling)
-        return _fail("interrupted before training started", 130)
-
-
 def preflight(argv: list[str]) -> Config:
     """Everything that can refuse a training run before anything is allocated or compiled: the config and
     paths (trainer.prepare_run), the mesh and batch split, and the plan's lower bound on memory."""
     from gpt import trainer
 
-    return check_run(trainer.prepare_run(argv))  # usage errors surface there, before a device is touched
-
-
-def check_run(cfg: Config) -> Config:
-    """The checks of preflight that need the devices: the mesh, the batch split, the plan's lower bound."""
-    from gpt import plan, sharding
-
-    sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch(cfg.data.batch_size, mesh)
-    plan.check(cfg, dict(mesh.shape))
-    return cfg
+    return trainer.check_devices(trainer.prepare_run(argv))  # usage errors surface first, before any device
 
 
 def _train(argv: list[str]) -> int:
@@ -72,7 +33,7 @@ def _train(argv: list[str]) -> int:
     cfg = trainer.prepare_run(argv)
     if cfg.train.dry_run and (simulate := _devices_to_simulate(cfg)):
         return _dry_run_on_simulated_devices(argv, simulate)
-    check_run(cfg)
+    trainer.check_devices(cfg)
     if cfg.train.dry_run:
         return _dry_run(cfg)
     trainer.train(cfg, [sys.argv[0], *argv])
@@ -118,7 +79,7 @@ def _dry_run(cfg: Config) -> int:
         return 0
     over = (report["bytes_per_device"]["peak"] - report["device_memory_bytes"]) / plan.GiB
     remedies = "; ".join(report["remedies"]) or "no single remedy tried fits: shard over more devices"
-    return _fail(f"does not fit: the compiled step peaks {over:.2f} GiB above the device's memory; {remedies}", 3)
+    return fail(f"does not fit: the compiled step peaks {over:.2f} GiB above the device's memory; {remedies}", 3)
 
 
 SAMPLE_USAGE = "usage: python sample.py --out_dir=DIR [--start=TEXT|FILE:path] [--key=value ...]"
@@ -150,8 +111,6 @@ def sample_preflight(argv: list[str]):
 
 
 def _read_prompts(s) -> list[str]:
-    import json
-
     def read(path: str, key: str) -> str:
         try:
             return open(path, encoding="utf-8").read()
@@ -162,13 +121,7 @@ def _read_prompts(s) -> list[str]:
 
     if s.prompts:
         prompts = []
-        for number, line in enumerate(read(s.prompts, "prompts").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"prompts={s.prompts!r}: line {number} is not JSON ({e.msg})") from None
+        for number, prompt in json_lines(read(s.prompts, "prompts"), f"prompts={s.prompts!r}"):
             if not isinstance(prompt, str) or not prompt:
                 raise ConfigError(f"prompts={s.prompts!r}: line {number} is not a non-empty JSON string")
             prompts.append(prompt)
@@ -274,7 +227,7 @@ def run_export(argv: list[str]) -> int:
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     unknown = set(opts) - {"out_dir", "step", "to"}
     if unknown or "out_dir" not in opts or "to" not in opts or len(opts) != len(argv):
-        return _fail(f"bad arguments {argv}: {EXPORT_USAGE}", 2)
+        return fail(f"bad arguments {argv}: {EXPORT_USAGE}", 2)
     try:
         from gpt.checkpoint import load_params
         from gpt.config import MeshConfig
@@ -289,7 +242,7 @@ def run_export(argv: list[str]) -> int:
         cfg, params, _, restored = load_params(opts["out_dir"], step, MeshConfig())
         print(f"wrote step {restored} of {opts['out_dir']} to {save_hf(cfg, params, opts['to'])}")
     except ConfigError as e:
-        return _fail(str(e), 2)
+        return fail(str(e), 2)
     return 0
 
 

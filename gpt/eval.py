@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from gpt.cli import guarded, quiet_orbax  # the commands' one place for errors and exit codes
+    from gpt.exits import guarded, quiet_orbax
 
     quiet_orbax()
     sys.exit(guarded(lambda: main(sys.argv[1:])))

@@ -258,13 +258,23 @@ def param_counts(cfg: ModelConfig, params) -> dict[str, int]:
     non_embedding: without the token and position embeddings, as Kaplan et al. (2020) count N;
     matmul: the N of MFU's 6N, the weights used in matrix products: all but the position embedding (the tied
     token embedding is the LM head's matrix), as nanoGPT's estimate_mfu counts it."""
-    padded = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return counts_of(cfg, sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def counts_of(cfg: ModelConfig, padded: int) -> dict[str, int]:
+    """param_counts from the number of parameters init_params makes (`padded`: the vocabulary's padding rows
+    included), for sizes counted in closed form (gpt/plan.py's n_params) rather than built."""
     total = padded - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
     wpe = cfg.block_size * cfg.n_embd
     return {"total": total, "non_embedding": total - cfg.vocab_size * cfg.n_embd - wpe, "matmul": total - wpe}
 
 
+def attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of attention's scores and weighted sum: 12*L*C*T (PaLM appendix B)."""
+    return 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
 def flops_per_token(cfg: ModelConfig, n_matmul_params: int) -> float:
     """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6N for the matmuls (N = param_counts' matmul),
-    12*L*C*T for attention's scores and weighted sum."""
-    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    plus attention's."""
+    return 6 * n_matmul_params + attention_flops_per_token(cfg)

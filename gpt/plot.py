@@ -12,7 +12,6 @@ are taken from the start row in force at that step.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt.config import ConfigError, help_text, opt, parse_args
+from gpt.files import log_rows
 
 USAGE = "usage: python -m gpt.plot OUT_DIR [--out=FILE.png]"
 
@@ -46,16 +46,10 @@ def read_log(out_dir: str) -> RunLog:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"no metrics.jsonl in {out_dir}: plot a run directory that train.py wrote")
-    train, evals, tokens_per_step, n_params, skipped = {}, {}, {}, None, 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += bool(line.strip())
-            continue
-        if not isinstance(row, dict):
-            skipped += 1
-        elif row.get("event") == "start":
+    rows, skipped = log_rows(path)
+    train, evals, tokens_per_step, n_params = {}, {}, {}, None
+    for row in rows:
+        if row.get("event") == "start":
             per_step = step_tokens(row.get("config", {}))
             if per_step:
                 tokens_per_step[row.get("start_step", 0)] = per_step
@@ -166,6 +160,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from gpt.cli import guarded  # the commands' one place for errors and exit codes
+    from gpt.exits import guarded
 
     sys.exit(guarded(lambda: main(sys.argv[1:])))

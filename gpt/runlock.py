@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from gpt.config import ConfigError
+from gpt.files import write_atomic
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -46,9 +47,7 @@ class RunLock:
             with os.fdopen(fd, "w") as fh:
                 fh.write(body)
         else:  # a heartbeat or a take-over: replace the file whole, never leave it half-written
-            tmp = self.path.with_name(f".run.lock.{os.getpid()}")
-            tmp.write_text(body)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, body)
 
     def acquire(self) -> str | None:
         """Take the lock, or raise ConfigError naming the holder. Returns a message when a dead holder's

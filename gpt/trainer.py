@@ -78,6 +78,18 @@ def prepare_run(argv: list[str]) -> Config:
     return resolve(cfg)
 
 
+def check_devices(cfg: Config) -> Config:
+    """What can still refuse a prepared run once the devices are known, before anything is allocated: the
+    mesh, the batch split over it, and the plan's lower bound on memory per device."""
+    from gpt import plan
+
+    sharding.initialize_distributed(cfg.mesh)  # before anything touches a device
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.data.batch_size, mesh)
+    plan.check(cfg, dict(mesh.shape))
+    return cfg
+
+
 def is_run_dir(path: str) -> bool:
     """A directory this trainer wrote (it has checkpoints/), as opposed to a Hugging Face model directory."""
     return checkpoint.checkpoint_dir(path).is_dir()

@@ -38,6 +38,17 @@ def tiny_model_config(**changes) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, "vocab_size": 256, **changes})
 
 
+def run_command(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command's main(argv) as `python -m gpt.x` runs it: orbax quiet, errors
+    turned into one line and an exit code by gpt.exits.guarded."""
+    from gpt.exits import guarded, quiet_orbax
+
+    quiet_orbax()
+    code = guarded(lambda: main(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def simulated_devices_env(devices: int) -> dict:
     """The environment for a subprocess on `devices` simulated CPU devices (a user's XLA_FLAGS kept)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

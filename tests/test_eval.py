@@ -12,13 +12,12 @@ import pytest
 
 from gpt import data, trainer
 from gpt.checkpoint import load_params
-from gpt.cli import quiet_orbax, guarded
 from gpt.config import Config, MeshConfig
 from gpt.eval import evaluate, main
 from gpt.model import GPT
 from gpt.steps import loss_fn
 from gpt.tokenizer import get_tokenizer
-from tests.helpers import REPO, TINY, TINY_MODEL
+from tests.helpers import REPO, TINY, TINY_MODEL, run_command
 
 BLOCK = TINY_MODEL["block_size"]
 
@@ -124,18 +123,10 @@ def test_gpt2_bits_per_byte_count_every_byte_of_the_file(gpt2_run, tmp_path):
     assert split["tokens"] == len(val_split(gpt2_run)) - 1 and split["bytes"] > split["tokens"]
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """main as `python -m gpt.eval` runs it: orbax quiet, errors turned into one line by gpt.cli.guarded."""
-    quiet_orbax()
-    code = guarded(lambda: main(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_the_command_prints_one_line_or_one_json_object(byte_run, capsys):
-    code, out, _ = run_main([f"--out_dir={byte_run}"], capsys)
+    code, out, _ = run_command(main, [f"--out_dir={byte_run}"], capsys)
     assert code == 0 and len(out.splitlines()) == 1 and "bits/byte" in out and "val split" in out
-    code, out, _ = run_main([f"--out_dir={byte_run}", "--json", "--step=4"], capsys)
+    code, out, _ = run_command(main, [f"--out_dir={byte_run}", "--json", "--step=4"], capsys)
     assert code == 0 and len(out.splitlines()) == 1
     result = json.loads(out)
     assert result["step"] == 4 and result["out_dir"] == byte_run
@@ -160,7 +151,7 @@ def test_bad_input_is_one_line_and_exit_2(byte_run, tmp_path, capsys, argv, mess
         (tmp_path / name).write_bytes(content)
     key_value = [a.partition("=") for a in argv]  # the files' names become their paths
     argv = [f"{key}={tmp_path / value}" if value in files else key + eq + value for key, eq, value in key_value]
-    code, out, err = run_main([f"--out_dir={byte_run}", *argv], capsys)
+    code, out, err = run_command(main, [f"--out_dir={byte_run}", *argv], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
 

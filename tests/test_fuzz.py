@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from gpt import cli
+from gpt.exits import guarded
 from gpt.config import Config, SampleArgs, _fields
 from tests.helpers import REPO, TINY
 
@@ -34,7 +35,7 @@ REAL_RUNS = 3  # per CLI: each is a fresh process that compiles (about 10 s)
 
 
 def _exit_and_stderr(body) -> tuple[int, str]:
-    """Run body() as the CLI would (cli.guarded maps errors to exit codes) under an alarm."""
+    """Run body() as the CLI would (gpt.exits.guarded maps errors to exit codes) under an alarm."""
 
     def hang(*_):
         raise TimeoutError(f"no answer within {CASE_SECONDS} s")
@@ -44,7 +45,7 @@ def _exit_and_stderr(body) -> tuple[int, str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            code = cli.guarded(body)
+            code = guarded(body)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -1,27 +1,13 @@
 """The library's import graph: no cycles, and no library module importing the CLI (gpt/cli.py).
 
 Walks every `import gpt.x` / `from gpt[.x] import y` in gpt/, at any depth (imports inside functions count:
-they are cycles too, only deferred), except inside a module's `if __name__ == "__main__":` block: that block
-is the command line of `python -m gpt.x`, the CLI layer, and may use gpt/cli.py's error handling."""
+they are cycles too, only deferred)."""
 
 import ast
 from pathlib import Path
 
 GPT_DIR = Path(__file__).resolve().parent.parent / "gpt"
-CLI = {"gpt.cli", "gpt.scaling.__main__"}
-
-
-def is_main_block(node) -> bool:
-    test = getattr(node, "test", None)
-    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
-            and test.left.id == "__name__")
-
-
-def library_nodes(tree):
-    """Every node of the module but those of its `if __name__ == "__main__":` block."""
-    for node in ast.iter_child_nodes(tree):
-        if not is_main_block(node):
-            yield from ast.walk(node)
+CLI = {"gpt.cli"}
 
 
 def module_name(path: Path) -> str:
@@ -33,7 +19,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in library_nodes(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("gpt.")}
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gpt":
@@ -83,9 +69,3 @@ def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     assert "gpt.trainer" in graph["gpt.cli"]  # imported inside run_train, after the arguments are checked
     assert "gpt.model" in graph["gpt.steps"]
-
-
-def test_the_graph_leaves_out_only_the_main_block():
-    tree = ast.parse("import gpt.a\nif __name__ == '__main__':\n    import gpt.cli\nif x:\n    import gpt.b\n")
-    names = {a.name for n in library_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert names == {"gpt.a", "gpt.b"}

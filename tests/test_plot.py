@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpt.cli import guarded
 from gpt.plot import main, plot_run, read_log, tokens_at
-from tests.helpers import REPO
+from tests.helpers import REPO, run_command
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,14 +64,8 @@ def test_a_log_without_start_rows_or_train_rows_still_plots(tmp_path):
     assert plot_run(str(tmp_path / "run")).read_bytes().startswith(PNG_SIGNATURE)
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = guarded(lambda: main(argv))  # as `python -m gpt.plot` runs it
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_the_command_prints_the_path_it_wrote(resumed_run, capsys):
-    code, out, _ = run_main([str(resumed_run), f"--out={resumed_run / 'x.png'}"], capsys)
+    code, out, _ = run_command(main, [str(resumed_run), f"--out={resumed_run / 'x.png'}"], capsys)
     assert code == 0 and out == f"{resumed_run / 'x.png'}\n"
     assert (resumed_run / "x.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -91,7 +84,7 @@ def test_bad_input_is_one_line_and_exit_2(resumed_run, tmp_path, capsys, case, m
             "unknown_flag": [str(resumed_run), "--outt=x.png"], "no_dir": ["--out=x.png"],
             "two_dirs": [str(resumed_run), str(resumed_run)],
             "unwritable": [str(resumed_run), f"--out={tmp_path / 'no' / 'such' / 'x.png'}"]}[case]
-    code, out, err = run_main(argv, capsys)
+    code, out, err = run_command(main, argv, capsys)
     assert code == 2 and out == ""
     err_lines = [line for line in err.splitlines() if not line.startswith("warning: skipped")]
     assert len(err_lines) == 1 and err_lines[0].startswith("error: ") and message in err, err

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gpt.config import ConfigError
+from gpt.files import log_rows
 from gpt.runlock import STALE_S, RunLock
 from tests.helpers import REPO, TINY
 
@@ -48,19 +49,6 @@ def test_a_holder_on_another_host_is_taken_over_only_when_its_heartbeat_stopped(
 
 
 @pytest.mark.slow
-def read_rows(path):
-    """The complete rows of a metrics.jsonl being written (a torn last line is left for the next look)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 def test_a_second_trainer_in_the_same_out_dir_is_refused_and_the_first_is_unharmed(data_dir, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, str(REPO / "train.py"), *TINY, f"--data_dir={data_dir}", f"--out_dir={out}"]
@@ -68,7 +56,7 @@ def test_a_second_trainer_in_the_same_out_dir_is_refused_and_the_first_is_unharm
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not any("tokens_per_s" in row for row in read_rows(out / "metrics.jsonl")):  # a train row: it trains
+        while not any("tokens_per_s" in row for row in log_rows(out / "metrics.jsonl")[0]):  # a train row: it trains
             assert first.poll() is None and time.monotonic() < deadline, "the first run never trained"
             time.sleep(0.2)
         second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from gpt.cli import guarded
 from gpt.config import ConfigError
 from gpt.scaling import fit as scaling
 from gpt.scaling import report
+from tests.helpers import run_command
 
 TRUE = {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}
 TRUE["a"] = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
@@ -217,15 +217,9 @@ def test_a_sweep_directory_is_read_with_the_chosen_parameter_count(tmp_path):
         scaling.load_results(tmp_path, params="embedding")
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    code = guarded(lambda: report.main(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_json_prints_one_object_and_writes_fit_json_and_markdown(tmp_path, capsys):
     path = write_csv(tmp_path / "points.csv", as_rows(grid_points(6, 5)))
-    code, out, err = run_cli([str(path), "--json", "--resamples=50", "--compute=1e20", "--no_plots"], capsys)
+    code, out, err = run_command(report.main, [str(path), "--json", "--resamples=50", "--compute=1e20", "--no_plots"], capsys)
     assert code == 0, err
     result = json.loads(out, parse_constant=pytest.fail)  # the whole of stdout is one object, strict JSON
     for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
@@ -241,7 +235,7 @@ def test_plain_output_is_a_table_of_estimates_with_intervals(tmp_path, capsys):
     points = isoflop_points()
     path = write_csv(tmp_path / "iso.csv", as_rows(points, ("N", "D", "loss", "compute_budget"),
                                                    ("params", "tokens", "loss", "compute_budget")))
-    code, out, err = run_cli([str(path), "--resamples=20", "--level=0.9", "--drop_highest=1", "--no_plots"], capsys)
+    code, out, err = run_command(report.main, [str(path), "--resamples=20", "--level=0.9", "--drop_highest=1", "--no_plots"], capsys)
     assert code == 0, err
     assert "90% interval" in out and "| beta" in out and "N* ∝ C^a" in out and "Points left out" in out
     assert out.strip().endswith(f"in {tmp_path}")
@@ -257,7 +251,7 @@ def test_plain_output_is_a_table_of_estimates_with_intervals(tmp_path, capsys):
 ])
 def test_bad_files_are_one_line_and_exit_2(tmp_path, capsys, content, message):
     (tmp_path / "bad.csv").write_text(content)
-    code, out, err = run_cli([str(tmp_path / "bad.csv")], capsys)
+    code, out, err = run_command(report.main, [str(tmp_path / "bad.csv")], capsys)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
@@ -273,12 +267,12 @@ def test_bad_files_are_one_line_and_exit_2(tmp_path, capsys, content, message):
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     path = write_csv(tmp_path / "points.csv", as_rows(grid_points(3, 2)))
-    code, _, err = run_cli([str(path), *argv], capsys)
+    code, _, err = run_command(report.main, [str(path), *argv], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_missing_results_are_one_line(tmp_path, capsys):
-    code, _, err = run_cli([str(tmp_path / "nowhere.csv")], capsys)
+    code, _, err = run_command(report.main, [str(tmp_path / "nowhere.csv")], capsys)
     assert code == 2 and "results not found" in err
-    code, _, err = run_cli([str(tmp_path)], capsys)
+    code, _, err = run_command(report.main, [str(tmp_path)], capsys)
     assert code == 2 and "holds no summary.jsonl" in err

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from gpt.scaling import fit as scaling
-from gpt.scaling import plots
-from tests.test_scaling_fit import isoflop_points, noisy, run_cli
+from gpt.scaling import plots, report
+from tests.helpers import run_command
+from tests.test_scaling_fit import isoflop_points, noisy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +76,7 @@ def sweep_dir(tmp_path):
 
 
 def test_the_fit_command_on_a_sweep_writes_its_tables_and_plots(sweep_dir, capsys):
-    code, out, err = run_cli([str(sweep_dir), "--resamples=20", "--compute=1e20"], capsys)
+    code, out, err = run_command(report.main, [str(sweep_dir), "--resamples=20", "--compute=1e20"], capsys)
     assert code == 0, err
     names = ["fit.json", "fit.md", "loss_vs_compute.png", "isoflop.png", "fit_vs_observed.png", "loss_curves.png"]
     assert f"wrote {', '.join(names)} in {sweep_dir}" in out

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpt.cli import guarded, run_train
+from gpt.exits import guarded
 from gpt.config import ConfigError
 
 USAGE = __doc__.split("\n\n")[1]
@@ -68,27 +68,23 @@ def _collect(argv: list[str]) -> int:
 
 
 def run_point(argv: list[str]) -> int:
-    """One point: train (train.py's command line), then score the whole validation split into eval.json."""
-    from gpt import data
-    from gpt.config import Config
+    """One point: train it as train.py would (config resolved against its out_dir, devices checked), then
+    score the whole validation split into eval.json."""
+    from gpt import data, trainer
     from gpt.eval import evaluate
-    from gpt.scaling.collect import write_atomic
-    from gpt.trainer import checkpoint_steps
+    from gpt.files import write_atomic
 
-    code = run_train(argv)
-    out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir=")))
-    if code:
-        return code
-    cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
-    saved = checkpoint_steps(str(out))
+    cfg = trainer.check_devices(trainer.prepare_run(argv))
+    trainer.train(cfg, [sys.argv[0], *argv])
+    saved = trainer.checkpoint_steps(cfg.train.out_dir)
     if not saved or saved[-1] < cfg.train.max_iters:  # stopped by a signal (having saved what it trained)
         return 130
     try:
-        result = evaluate(str(out), split="val")
+        result = evaluate(cfg.train.out_dir, split="val")
     except KeyboardInterrupt:
         return 130
     result["corpus_train_tokens"] = data.load_meta(data.dataset_dir(cfg.data))["train_tokens"]  # for epochs
-    write_atomic(out / "eval.json", json.dumps(result, indent=1) + "\n")  # its existence marks the point done
+    write_atomic(Path(cfg.train.out_dir) / "eval.json", json.dumps(result, indent=1) + "\n")  # marks it done
     return 0
 
 
@@ -102,7 +98,7 @@ def main(argv: list[str]) -> int:
 
         if os.environ.get(CPUS_ENV):  # this worker's share of the cores, taken before JAX starts
             os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
-        return run_point(rest)
+        return guarded(lambda: run_point(rest))
     if command == "fit":
         from gpt.scaling import report
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from gpt.config import Config
+from gpt.files import log_rows, write_atomic
 from gpt.scaling.grid import counts, flops
 
 # The summary's columns, in order (config, a nested dict, is left out of the CSV).
@@ -21,10 +21,6 @@ COLUMNS = ("name", "out_dir", "mode", "branch_of", "n_layer", "n_head", "n_embd"
            "params_total", "params_non_embedding", "steps", "tokens_per_step", "tokens", "compute_budget",
            "flops_6nd", "flops_attention", "flops", "flops_spent", "epochs", "repeats_data", "val_loss", "val_loss_se",
            "val_bpb", "val_tokens", "best_val_loss", "final_train_loss", "wall_s", "tokens_per_s")
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _segments(rows: list[dict]) -> list[list[dict]]:
@@ -45,7 +41,7 @@ def summarize(sweep_dir: Path, point: dict) -> dict | None:
         return None
     cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
     evaluation = json.loads((run / "eval.json").read_text())
-    rows = read_rows(run / "metrics.jsonl")
+    rows, _ = log_rows(run / "metrics.jsonl")
     starts = [r for r in rows if r.get("event") == "start"]
     m, steps = cfg.model, cfg.train.max_iters
     tokens = steps * cfg.tokens_per_step
@@ -67,14 +63,6 @@ def summarize(sweep_dir: Path, point: dict) -> dict | None:
         "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
         "config": cfg.to_dict(),
     }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write the whole file or nothing (shards of one sweep may collect at the same time; a point killed
-    while writing its eval.json must not look done)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def collect(sweep_dir: Path) -> list[dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from gpt.config import ConfigError
+from gpt.files import json_lines
 
 HUBER_DELTA = 1e-3  # Hoffmann et al.: in log-loss units, so the fit is close to least absolute deviations
 MIN_POINTS = 5  # a law of five parameters needs at least as many points
@@ -88,18 +88,11 @@ def load_results(path: str | Path, params: str = "non_embedding") -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path.name} line {number} is not valid JSON ({e.msg})") from None
+    rows = json_lines(path.read_text(), path.name)
+    for number, row in rows:
         if not isinstance(row, dict):
-            raise ConfigError(f"{path.name} line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+            raise ConfigError(f"{path.name}: line {number} is not a JSON object")
+    return [row for _, row in rows]
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from gpt.config import CONFIGS_DIR, Config, ConfigError, apply_layers, cooldown_start, load_preset, validate
+from gpt.model import attention_flops_per_token, counts_of
 from gpt.plan import n_params
 
 if sys.version_info >= (3, 11):
@@ -45,7 +46,8 @@ RESERVED = {"out_dir": "the sweep directory holds one per point", "init_from": "
             "max_iters": "budgets set it", "lr_decay_iters": "each point decays to its last step",
             "warmup_iters": "use warmup_frac in [sweep]", "schedule": "use schedule in [sweep]",
             "cooldown_frac": "use cooldown_frac in [sweep]", "save_steps": "the WSD plan sets it",
-            "reset_optimizer": "a WSD branch continues its long run's optimizer"}
+            "reset_optimizer": "a WSD branch continues its long run's optimizer",
+            "dry_run": "plan a point with train.py and its flags"}
 
 
 @dataclasses.dataclass
@@ -67,17 +69,15 @@ class Point:
 def counts(cfg: Config) -> dict[str, int]:
     """Parameter counts of cfg's model as Kaplan et al. and Hoffmann et al. count them: total (the tied LM
     head once, no vocabulary padding) and non-embedding (without token and position embeddings)."""
-    m = cfg.model
-    total = n_params(m) - (m.padded_vocab_size - m.vocab_size) * m.n_embd
-    return {"params_total": total, "params_non_embedding": total - (m.vocab_size + m.block_size) * m.n_embd}
+    count = counts_of(cfg.model, n_params(cfg.model))
+    return {"params_total": count["total"], "params_non_embedding": count["non_embedding"]}
 
 
 def flops(cfg: Config, tokens: int) -> dict[str, float]:
     """Training FLOPs of `tokens` tokens: 6·N·D with N non-embedding (Kaplan's C), and attention's scores
     and weighted sum, 12·n_layer·n_embd·block_size per token (PaLM's appendix B), stated apart."""
-    m = cfg.model
     dense = 6.0 * counts(cfg)["params_non_embedding"] * tokens
-    attention = 12.0 * m.n_layer * m.n_embd * m.block_size * tokens
+    attention = float(attention_flops_per_token(cfg.model)) * tokens
     return {"flops_6nd": dense, "flops_attention": attention, "flops": dense + attention}
 
 

@@ -6,7 +6,6 @@ no global backend switch, no display needed, and nothing left open between calls
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 
+from gpt.config import ConfigError
+from gpt.plot import column, read_log, tokens_at
 from gpt.scaling.fit import compute_optimal, predict
 
 DPI = 120
@@ -127,24 +128,14 @@ def _fit_vs_observed(results: dict, fit_result: dict, path: Path) -> Path:
 
 def _loss_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(tokens, val_loss) of a run's evaluations, from its metrics.jsonl; None when it has none."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    try:
+        log = read_log(str(run_dir))
+    except ConfigError:  # no metrics.jsonl, or nothing in it yet
         return None
-    config, evals = None, {}
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed run
-            continue
-        if row.get("event") == "start" and config is None:
-            config = row["config"]
-        elif "val_loss" in row and "step" in row:
-            evals[row["step"]] = row["val_loss"]  # a resumed run re-evaluates a step: keep the latest
-    if config is None or not evals:
+    steps, val_loss = column(log.evals, "val_loss")
+    if not steps.size or not log.tokens_per_step:
         return None
-    tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]
-    steps = np.array(sorted(evals), dtype=float)
-    return steps * tokens_per_step, np.array([evals[s] for s in sorted(evals)], dtype=float)
+    return tokens_at(steps, log.tokens_per_step), val_loss
 
 
 def plot_loss_curves(sweep_dir: str | Path, rows: list[dict]) -> Path | None:

@@ -143,7 +143,7 @@ def report(result: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """`python -m gpt.scaling fit RESULTS [flags]`: fit, print, and write fit.json, fit.md and the plots next
-    to the results. Bad input raises ConfigError (one line, exit 2 through gpt.cli.guarded)."""
+    to the results. Bad input raises ConfigError (one line, exit 2 through gpt.exits.guarded)."""
     if any(a in ("-h", "--help") for a in argv):
         print(HELP)
         return 0

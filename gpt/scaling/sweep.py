@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from gpt.config import ConfigError
+from gpt.files import write_atomic
 from gpt.scaling import collect
 from gpt.scaling.grid import SHAPE_KEYS, Point, load_grid
 
@@ -179,7 +180,7 @@ def run_sweep(grid: str, out: str | None, workers: int, shard: tuple[int, int], 
     plan = json.dumps([dataclasses.asdict(p) for p in points], indent=1) + "\n"
     saved = sweep_dir / "points.json"
     if not saved.is_file():
-        collect.write_atomic(saved, plan)  # shards starting together may race here: whole files only
+        write_atomic(saved, plan)  # shards starting together may race here: whole files only
     elif json.loads(saved.read_text()) != json.loads(plan):
         raise ConfigError(f"{sweep_dir} holds a sweep of another grid (its points.json differs): use another --out")
     slots, how = worker_slots(workers)

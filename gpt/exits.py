@@ -1,0 +1,39 @@
+"""Where a command's errors become one line on stderr and an exit code (2 for usage errors, 3 for a model
+that does not fit, 1 for a run that stopped, 130 for Ctrl-C), instead of a traceback. Every command uses
+it: train.py and sample.py through gpt/cli.py, and `python -m gpt.eval`, `gpt.plot` and `gpt.scaling`.
+Library code only raises; nothing below the commands prints an error or picks an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+from gpt.config import ConfigError
+
+
+def quiet_orbax() -> None:
+    import absl.logging  # orbax logs routine notices at WARNING through absl
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def guarded(body) -> int:
+    """body()'s exit code, or the one-line error and exit code of what stopped it."""
+    from gpt.checkpoint import SaveError
+    from gpt.data import PrepareError
+    from gpt.plan import DoesNotFit
+
+    try:
+        return body()
+    except ConfigError as e:
+        return fail(str(e), 2)
+    except DoesNotFit as e:
+        return fail(str(e), 3)
+    except (FloatingPointError, SaveError, PrepareError) as e:  # stopped; what was saved before is intact
+        return fail(str(e), 1)
+    except KeyboardInterrupt:  # before training started (while preparing data or compiling)
+        return fail("interrupted before training started", 130)
