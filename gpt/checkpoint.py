@@ -45,15 +45,17 @@ def make_manager(out_dir: str, keep: int = 3, read_only: bool = False,
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options)
 
 
-def layouts(model_cfg: ModelConfig) -> dict:
-    """The tree layouts this code writes for model_cfg, as recorded in every checkpoint's meta."""
-    return {"model_layout": layout(model_cfg), "opt_state_layout": STATE_LAYOUT}
+def layouts(cfg: Config) -> dict:
+    """The tree layouts this code writes for cfg, as recorded in every checkpoint's meta: the optimizer's
+    state is a tree of the layout version's shape for the optimizer named."""
+    return {"model_layout": layout(cfg.model), "opt_state_layout": STATE_LAYOUT, "optimizer": cfg.optim.optimizer}
 
 
-def check_layouts(meta: dict, model_cfg: ModelConfig, where: str, with_opt_state: bool) -> None:
-    """Refuse, in one line, a checkpoint whose trees differ from what this code builds. A checkpoint from
-    before layouts were recorded has layout 1 of both (they were introduced with those layouts)."""
-    ours = layouts(model_cfg)
+def check_layouts(meta: dict, cfg: Config, where: str, with_opt_state: bool) -> None:
+    """Refuse, in one line, a checkpoint whose trees differ from what this code builds for cfg. A checkpoint
+    from before layouts were recorded has layout 1 of both (they were introduced with those layouts) and
+    AdamW's state (the only optimizer then)."""
+    model_cfg, ours = cfg.model, layouts(cfg)
     theirs = {"model_layout": meta.get("model_layout", {"version": 1}), "opt_state_layout": meta.get("opt_state_layout", 1)}
     scanned = theirs["model_layout"].get("scan_layers", False)
     if {**theirs["model_layout"], "scan_layers": 0} == {**ours["model_layout"], "scan_layers": 0} and \
@@ -67,6 +69,10 @@ def check_layouts(meta: dict, model_cfg: ModelConfig, where: str, with_opt_state
         raise ConfigError(f"{where} holds optimizer state of layout {theirs['opt_state_layout']}, but this code "
                           f"writes layout {ours['opt_state_layout']}, so training cannot resume from it exactly; "
                           "its parameters still sample, export and fine-tune (init_from after exporting)")
+    if with_opt_state and meta.get("optimizer", "adamw") != cfg.optim.optimizer:
+        raise ConfigError(f"{where} holds the optimizer state of optimizer={meta.get('optimizer', 'adamw')}, but "
+                          f"optimizer={cfg.optim.optimizer} was asked: keep the optimizer to resume, or start from "
+                          "its parameters with --init_from=RUN_DIR --reset_optimizer=True")
 
 
 class SaveError(RuntimeError):
@@ -177,7 +183,7 @@ def load_params(out_dir: str, step: int, mesh_cfg: MeshConfig):
         raise ConfigError(f"step={step}: {out_dir} has checkpoints at steps {sorted(steps)}")
     meta = read_meta(manager, max(steps) if step < 0 else step)
     cfg = Config.from_dict(meta["config"])
-    check_layouts(meta, cfg.model, f"{out_dir} step {meta['step']}", with_opt_state=False)
+    check_layouts(meta, cfg, f"{out_dir} step {meta['step']}", with_opt_state=False)
     abstract, _ = abstract_params(cfg.model, sharding.make_mesh(mesh_cfg))
     restored_step, params, _, meta = restore(manager, None if step < 0 else step, abstract)
     manager.close()

@@ -58,6 +58,20 @@ class ModelConfig:
                                    "independent of depth (checkpoints keep the layout they were written in)")
     loss_chunk: int = opt(0, "compute the LM head and cross-entropy this many positions at a time (a divisor of "
                              "block_size), so the [batch, T, vocab] logits are never held whole; 0 = all at once")
+    # The architecture switches beyond GPT-2 (the defaults are GPT-2's): gpt/model.py says what each computes.
+    norm: str = opt("layernorm", "layernorm (GPT-2's; its bias follows `bias`) or rmsnorm")
+    norm_scale: bool = opt(True, "a learned scale in every norm; False = parameter-free norms (as nanochat)")
+    position: str = opt("learned", "learned (GPT-2's position embedding) or rope (rotary, on q and k)")
+    rope_theta: float = opt(10000.0, "rope: the base of the rotary frequencies")
+    mlp: str = opt("gelu", "gelu (GPT-2's tanh GELU, hidden 4 x n_embd), relu2 (ReLU squared, 4 x n_embd) or swiglu "
+                           "(SiLU-gated, hidden 8/3 x n_embd rounded up to a multiple of 64: about gelu's parameters)")
+    qk_norm: bool = opt(False, "RMSNorm of each head's queries and keys before attention (and before rope)")
+    tie_embeddings: bool = opt(True, "the LM head is the token embedding (GPT-2); False = a separate head matrix")
+    logit_softcap: float = opt(0.0, "cap logits smoothly at +-c: c * tanh(logits / c); 0 = off")
+    n_kv_head: int = opt(0, "key/value heads (grouped-query attention: a divisor of n_head; the KV cache shrinks by "
+                            "n_head / n_kv_head); 0 = n_head")
+    zero_init: bool = opt(False, "initialise the output projections (attention's and the MLP's c_proj, and an untied "
+                                 "head) to zero instead of GPT-2's scaled normal")
 
     @property
     def compute_dtype(self) -> str:
@@ -68,13 +82,27 @@ class ModelConfig:
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 x n_embd, or for swiglu 8/3 x n_embd rounded up to a multiple of 64 (its
+        three matrices then hold about as many parameters as the other MLPs' two)."""
+        if self.mlp == "swiglu":
+            return 64 * -(-8 * self.n_embd // (3 * 64))
+        return 4 * self.n_embd
+
+    @property
     def padded_vocab_size(self) -> int:
         """Vocabulary rounded up to a multiple of 128 so it shards evenly (nanoGPT's 50304)."""
         return -(-self.vocab_size // 128) * 128
 
 
-# The ModelConfig keys that shape the parameters: fixed for a checkpoint (the others say how it computes).
-ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# The ModelConfig keys that define the function a checkpoint's parameters compute: fixed for a checkpoint (the
+# others say how it computes: precision, kernels, memory; zero_init only how it starts).
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "norm", "norm_scale",
+                     "position", "rope_theta", "mlp", "qk_norm", "tie_embeddings", "logit_softcap", "n_kv_head")
 
 
 @dataclass
@@ -87,15 +115,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = opt(2e-3, "peak learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrices only")
+    optimizer: str = opt("adamw", "adamw, or muon: Muon's orthogonalised momentum for the blocks' matrices and AdamW "
+                                  "for the embeddings, head, norms and biases")
+    learning_rate: float = opt(2e-3, "peak learning rate (of AdamW's parameters, with optimizer=muon)")
+    muon_learning_rate: float = opt(0.02, "optimizer=muon: peak learning rate of the Muon matrices (same schedule)")
+    muon_momentum: float = opt(0.95, "optimizer=muon: Muon's (Nesterov) momentum")
+    weight_decay: float = opt(0.1, "decoupled weight decay, applied to matrices and embeddings only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip gradients to this global norm; 0 disables")
     decay_lr: bool = opt(True, "decay the learning rate after warmup (as schedule says); False holds it")
-    schedule: str = opt("cosine", "after warmup: cosine (down to min_lr at lr_decay_iters) or wsd (warmup-stable-"
-                                  "decay: hold learning_rate, then linearly down to min_lr over the last cooldown_frac "
-                                  "of lr_decay_iters)")
+    schedule: str = opt("cosine", "after warmup: cosine (down to min_lr at lr_decay_iters), linear (straight down to "
+                                  "min_lr at lr_decay_iters) or wsd (warmup-stable-decay: hold learning_rate, then "
+                                  "linearly down to min_lr over the last cooldown_frac of lr_decay_iters)")
     cooldown_frac: float = opt(0.2, "wsd: the fraction of lr_decay_iters spent decaying, in (0, 1]")
     warmup_iters: int = opt(-1, "linear warmup steps; -1 = 10% of max_iters")
     lr_decay_iters: int = opt(-1, "step where cosine decay reaches min_lr; -1 = max_iters")
@@ -342,6 +374,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"attention={m.attention!r}: use auto, xla or cudnn")
     if m.remat not in REMAT_CHOICES:
         raise ConfigError(f"remat={m.remat!r}: use {', '.join(REMAT_CHOICES)}")
+    choices = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"), "mlp": ("gelu", "relu2", "swiglu")}
+    for key, allowed in choices.items():
+        if getattr(m, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(m, key)!r}: use {' or '.join(allowed)}")
+    if m.n_kv_head < 0 or m.n_head % m.kv_heads:
+        raise ConfigError(f"n_kv_head={m.n_kv_head}: must be 0 (= n_head) or a divisor of n_head={m.n_head}")
+    if m.position == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(f"position=rope needs an even head_dim (n_embd / n_head), not {m.n_embd // m.n_head}")
+    if m.rope_theta <= 0 or m.logit_softcap < 0:
+        raise ConfigError(f"rope_theta={m.rope_theta} must be > 0 and logit_softcap={m.logit_softcap} >= 0")
     if m.loss_chunk < 0 or (m.loss_chunk and m.block_size % m.loss_chunk):
         raise ConfigError(f"loss_chunk={m.loss_chunk}: must be 0 or a divisor of block_size={m.block_size}")
     if not 0.0 <= m.dropout < 1.0:
@@ -370,8 +412,14 @@ def validate(cfg: Config) -> None:
     if o.warmup_iters > decay_end:
         raise ConfigError(f"warmup_iters={o.warmup_iters} is beyond the end of the decay (lr_decay_iters="
                           f"{o.lr_decay_iters}, max_iters={t.max_iters}): the warmup would never finish")
-    if o.schedule not in ("cosine", "wsd"):
-        raise ConfigError(f"schedule={o.schedule!r}: use cosine or wsd")
+    if o.schedule not in ("cosine", "linear", "wsd"):
+        raise ConfigError(f"schedule={o.schedule!r}: use cosine, linear or wsd")
+    if o.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"optimizer={o.optimizer!r}: use adamw or muon")
+    if o.muon_learning_rate <= 0:
+        raise ConfigError(f"muon_learning_rate={o.muon_learning_rate}: must be > 0")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        raise ConfigError(f"muon_momentum={o.muon_momentum}: must be in [0, 1)")
     if not 0.0 < o.cooldown_frac <= 1.0:
         raise ConfigError(f"cooldown_frac={o.cooldown_frac}: must be in (0, 1]")
     warmup = o.warmup_iters if o.warmup_iters >= 0 else auto_warmup(t.max_iters)  # as resolve() will

@@ -117,12 +117,21 @@ def to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     return {f"transformer.{k}": x for k, x in sd.items()}
 
 
+def non_gpt2_keys(cfg: ModelConfig) -> list[str]:
+    """`key=value` for each architecture key where cfg differs from GPT-2 (HF's GPT2LMHeadModel layout)."""
+    gpt2 = ModelConfig()
+    return [f"{k}={getattr(cfg, k)}" for k in ("bias", "norm", "norm_scale", "position", "mlp", "qk_norm",
+                                               "tie_embeddings", "logit_softcap")
+            if getattr(cfg, k) != getattr(gpt2, k)] + ([f"n_kv_head={cfg.n_kv_head}"] if cfg.kv_heads != cfg.n_head else [])
+
+
 def save_hf(cfg: ModelConfig, params, directory: str | Path) -> Path:
     """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained reads."""
     from safetensors.numpy import save_file
 
-    if not cfg.bias:
-        raise ConfigError("HF GPT-2 has biases everywhere; a bias=False model cannot be exported to its layout")
+    foreign = non_gpt2_keys(cfg)
+    if foreign:
+        raise ConfigError(f"HF GPT-2 export needs GPT-2's layout, and this model has {', '.join(foreign)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",

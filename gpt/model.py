@@ -4,6 +4,13 @@ Learned token and position embeddings, pre-LayerNorm blocks of causal multi-head
 tanh-GELU MLP, a final LayerNorm, and an LM head tied to the token embedding. Initialisation is GPT-2's:
 normal(0.02), with the residual projections scaled by 1/sqrt(2 * n_layer).
 
+ModelConfig's switches turn it into the modern recipe piece by piece (the defaults are GPT-2, exactly):
+`norm` RMSNorm instead of LayerNorm (`norm_scale=False`: no learned scale), `position=rope` rotary
+position on q and k instead of the learned table, `mlp` ReLU² or SwiGLU, `qk_norm` RMSNorm of each head's
+queries and keys, `tie_embeddings=False` a head matrix of its own, `logit_softcap` c*tanh(logits/c),
+`n_kv_head` grouped-query attention (fewer key/value heads, a smaller KV cache), `zero_init` zero output
+projections. The parameter tree changes only where a switch needs other parameters.
+
 Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", ...); gpt/sharding.py maps
 them to mesh axes, so no layer here knows how it is sharded. Parameters are float32; `dtype` sets the
 compute precision of the matmuls.
@@ -38,10 +45,15 @@ def _zeros(axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LN_EPS, use_bias=cfg.bias, dtype=jnp.float32, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                        bias_init=_zeros(("embed",)))
+def _norm(cfg: ModelConfig, name: str, axis: str = "embed", rms: bool = False) -> nn.Module:
+    """GPT-2's LayerNorm (a bias if cfg.bias) or RMSNorm (x / rms(x), no mean, no bias), over the last axis (named
+    `axis`), computed in float32; a learned scale unless norm_scale=False."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), (axis,))
+    if rms or cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=LN_EPS, use_scale=cfg.norm_scale, dtype=jnp.float32, name=name,
+                          scale_init=scale_init)
+    return nn.LayerNorm(epsilon=LN_EPS, use_bias=cfg.bias, use_scale=cfg.norm_scale, dtype=jnp.float32, name=name,
+                        scale_init=scale_init, bias_init=_zeros((axis,)))
 
 
 class Dense(nn.Module):
@@ -101,29 +113,59 @@ REMAT_POLICIES = {
 }
 
 
+def rope_tables(cfg: ModelConfig, positions_BT):
+    """cos and sin [B, T, 1, head_dim / 2] of the rotary angles (Su et al. 2021) at positions [B, T]: the pair
+    (i, i + head_dim/2) of a head turns by position * rope_theta^(-2i / head_dim), as GPT-NeoX and Llama do.
+    Computed once per call and shared by every layer."""
+    head_dim = cfg.n_embd // cfg.n_head
+    inv_freq = cfg.rope_theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
+
+
+def apply_rope(x_BTNH, rope):
+    """Rotate each head's (first half, second half) pairs of x [B, T, heads, head_dim] by rope_tables' angles."""
+    cos, sin = rope
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
 def attention(q, k, v, mask):
-    """Attention of q [B, T, heads, hd] over k, v [B, heads, S, hd] (a KV cache, or this chunk's keys and
-    values) where mask [B or 1, 1, T, S] allows.
+    """Attention of q [B, T, heads, hd] over k, v [B, kv_heads, S, hd] (a KV cache, or this chunk's keys and
+    values) where mask [B or 1, 1, T, S] allows. With grouped-query attention (kv_heads < heads) each key/value
+    head serves heads / kv_heads consecutive query heads, read in place (never repeated in memory).
 
     Keys and values are heads-major so these two matmuls read them in place: with the [B, S, heads, hd] layout
     XLA transposed the whole cache on every decoded token. In training the same form beat the XLA path of
     jax.nn.dot_product_attention on a CPU by 12% per step at GPT-2 small's shape (137 -> 153 tokens/s;
     its softmax ran on a layout that cost XLA:CPU 2.5x more time)."""
-    scores = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.einsum("bnts,bnsh->btnh", probs.astype(q.dtype), v.astype(q.dtype))
+    b, t, n_head, head_dim = q.shape
+    q = q.reshape(b, t, k.shape[1], n_head // k.shape[1], head_dim)  # [B, T, kv_heads, group, hd]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(head_dim)
+    probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bkgts,bksh->btkgh", probs.astype(q.dtype), v.astype(q.dtype)).reshape(b, t, n_head, head_dim)
 
 
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, cache, cache_index, deterministic):
+    def __call__(self, x, mask, rope, cache, cache_index, deterministic):
         cfg = self.cfg
         n_head, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
-        qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cfg.kv_heads == n_head:
+            # q, k, v in one matmul, kept as separate (3, heads, head_dim) axes so tensor parallelism splits heads.
+            qkv = Dense((3, n_head, head_dim), ("embed", None, "heads", "head_dim"), cfg, name="c_attn")(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:  # grouped-query attention: queries for every head, keys and values for kv_heads
+            q = Dense((n_head, head_dim), ("embed", "heads", "head_dim"), cfg, name="c_q")(x)
+            kv = Dense((2, cfg.kv_heads, head_dim), ("embed", None, "kv_heads", "head_dim"), cfg, name="c_kv")(x)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        if cfg.qk_norm:  # bounds the attention logits whatever the weights grow to
+            q = _norm(cfg, "q_norm", "head_dim", rms=True)(q).astype(q.dtype)
+            k = _norm(cfg, "k_norm", "head_dim", rms=True)(k).astype(k.dtype)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None and mask is None and attention_backend(cfg) == "cudnn":  # training on an NVIDIA GPU
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         elif cache is None:  # training and evaluation elsewhere, or a masked prefill: causal unless mask says
@@ -135,9 +177,13 @@ class CausalSelfAttention(nn.Module):
                     for c, x in zip(cache, (k, v)))
             cache = (k, v)
             y = attention(q, k, v, mask)
-        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=residual_std, n_in=2, name="c_proj")(y)
+        y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=_output_std(cfg), n_in=2, name="c_proj")(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
+
+
+def _output_std(cfg: ModelConfig) -> float:
+    """Init std of the projections into the residual stream: GPT-2's 0.02 / sqrt(2 * n_layer), or 0 (zero_init)."""
+    return 0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer)
 
 
 class MLP(nn.Module):
@@ -146,10 +192,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic):
         cfg = self.cfg
-        h = Dense((4 * cfg.n_embd,), ("embed", "mlp"), cfg, name="c_fc")(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))  # GPT-2's gelu_new
-        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        h = Dense((cfg.n_embd,), ("mlp", "embed"), cfg, std=residual_std, name="c_proj")(h)
+        if cfg.mlp == "swiglu":  # silu(x W_gate) * (x W_up): gate and up in one matmul, as (2, hidden) axes
+            gate_up = Dense((2, cfg.mlp_hidden), ("embed", None, "mlp"), cfg, name="c_fc")(x)
+            h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        else:
+            h = Dense((cfg.mlp_hidden,), ("embed", "mlp"), cfg, name="c_fc")(x)
+            h = nn.gelu(h, approximate=True) if cfg.mlp == "gelu" else jnp.square(nn.relu(h))  # gelu_new or ReLU²
+        h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
+        h = Dense((cfg.n_embd,), ("mlp", "embed"), cfg, std=_output_std(cfg), name="c_proj")(h)
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
@@ -157,11 +207,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, cache, cache_index, deterministic):
+    def __call__(self, x, mask, rope, cache, cache_index, deterministic):
         y, cache = CausalSelfAttention(self.cfg, name="attn")(
-            _layer_norm(self.cfg, "ln_1")(x), mask, cache, cache_index, deterministic)
+            _norm(self.cfg, "ln_1")(x), mask, rope, cache, cache_index, deterministic)
         x = x + checkpoint_name(y, "attn_out")
-        x = x + MLP(self.cfg, name="mlp")(checkpoint_name(_layer_norm(self.cfg, "ln_2")(x), "mlp_in"), deterministic)
+        x = x + MLP(self.cfg, name="mlp")(checkpoint_name(_norm(self.cfg, "ln_2")(x), "mlp_in"), deterministic)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), cache
 
 
@@ -181,42 +231,56 @@ class GPT(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(idx.shape[1]), idx.shape)
         wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.compute_dtype, name="wte",
                        embedding_init=_init(0.02, ("vocab", "embed")))
-        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype, name="wpe",
-                       embedding_init=_init(0.02, ("pos", "embed")))
-        x = nn.Dropout(cfg.dropout)(wte(idx) + wpe(positions), deterministic=deterministic)
+        x, rope = wte(idx), None
+        if cfg.position == "learned":
+            x = x + nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype, name="wpe",
+                             embedding_init=_init(0.02, ("pos", "embed")))(positions)
+        else:
+            rope = rope_tables(cfg, positions)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         block = Block
-        if cfg.remat != "none":  # deterministic (argument 5, counting self) is a Python bool: static
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5,),
+        if cfg.remat != "none":  # deterministic (argument 6, counting self) is a Python bool: static
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(6,),
                              prevent_cse=not cfg.scan_layers)  # scan already keeps XLA from merging recomputes
         if cfg.scan_layers:  # one block traced once, its parameters stacked on a leading "layers" axis
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_cache = stack(cfg, name="h")(x, mask, cache, cache_index, deterministic)
+            x, new_cache = stack(cfg, name="h")(x, mask, rope, cache, cache_index, deterministic)
         else:
             new_cache = []
             for i in range(cfg.n_layer):
                 x, layer_cache = block(cfg, name=f"h_{i}")(
-                    x, mask, None if cache is None else cache[i], cache_index, deterministic)
+                    x, mask, rope, None if cache is None else cache[i], cache_index, deterministic)
                 new_cache.append(layer_cache)
             new_cache = tuple(new_cache) if cache is not None else None
-        x = _layer_norm(cfg, "ln_f")(x)
-        return (lm_head(cfg, wte.embedding, x) if head else x), new_cache
+        x = _norm(cfg, "ln_f")(x)
+        w_DV = wte.embedding.T if cfg.tie_embeddings else self.param(  # as head_weights reads it
+            "lm_head", _init(0.0 if cfg.zero_init else 0.02, ("embed", "vocab")), (cfg.n_embd, cfg.padded_vocab_size))
+        return (lm_head(cfg, w_DV, x) if head else x), new_cache
 
 
-def lm_head(cfg: ModelConfig, embedding, x):
-    """Logits (float32) from final hidden states x [..., n_embd]: the head tied to the token embedding. The
-    vocabulary's padding rows are never predicted: the loss and the samplers see the true vocabulary."""
+def head_weights(cfg: ModelConfig, params):
+    """The LM head's matrix [n_embd, padded_vocab]: the token embedding's transpose (tied), or its own."""
+    return params["wte"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def lm_head(cfg: ModelConfig, w_DV, x):
+    """Logits (float32) from final hidden states x [..., n_embd] and the head's matrix w [n_embd, padded_vocab],
+    soft-capped to +-logit_softcap when set. The vocabulary's padding rows are never predicted: the loss and the
+    samplers see the true vocabulary."""
     dtype = cfg.compute_dtype
-    logits = jnp.dot(x.astype(dtype), embedding.astype(dtype).T).astype(jnp.float32)
+    logits = jnp.dot(x.astype(dtype), w_DV.astype(dtype)).astype(jnp.float32)
+    if cfg.logit_softcap:
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     return jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-    """Per layer (k, v), each [batch, heads, length, head_dim]; with scan_layers one (k, v) whose arrays
+    """Per layer (k, v), each [batch, kv_heads, length, head_dim]; with scan_layers one (k, v) whose arrays
     carry a leading layer axis, as the scanned block reads and writes them."""
-    shape = (batch, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+    shape = (batch, cfg.kv_heads, length, cfg.n_embd // cfg.n_head)
     if cfg.scan_layers:
         return tuple(jnp.zeros((cfg.n_layer, *shape), cfg.compute_dtype) for _ in "kv")
     return tuple((jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)) for _ in range(cfg.n_layer))
@@ -254,19 +318,22 @@ def init_params(cfg: ModelConfig, key):
 
 def param_counts(cfg: ModelConfig, params) -> dict[str, int]:
     """The parameter counts people mean, by name (the vocabulary's padding rows are never counted):
-    total: every parameter, the tied LM head once;
-    non_embedding: without the token and position embeddings, as Kaplan et al. (2020) count N;
-    matmul: the N of MFU's 6N, the weights used in matrix products: all but the position embedding (the tied
-    token embedding is the LM head's matrix), as nanoGPT's estimate_mfu counts it."""
+    total: every parameter, a tied LM head once;
+    non_embedding: without the token and position embeddings (and an untied head), as Kaplan et al. (2020) count N;
+    matmul: the N of MFU's 6N, the weights used in matrix products: all but the position embedding (a tied
+    token embedding is the LM head's matrix; an untied one is only looked up), as nanoGPT's estimate_mfu counts it."""
     return counts_of(cfg, sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
 def counts_of(cfg: ModelConfig, padded: int) -> dict[str, int]:
     """param_counts from the number of parameters init_params makes (`padded`: the vocabulary's padding rows
-    included), for sizes counted in closed form (gpt/plan.py's n_params) rather than built."""
-    total = padded - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
-    wpe = cfg.block_size * cfg.n_embd
-    return {"total": total, "non_embedding": total - cfg.vocab_size * cfg.n_embd - wpe, "matmul": total - wpe}
+    included), for sizes counted without being built (gpt/plan.py's n_params)."""
+    vocab_matrices = 1 if cfg.tie_embeddings else 2  # the token embedding, and an untied head
+    total = padded - vocab_matrices * (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    wpe = cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0
+    embedding = cfg.vocab_size * cfg.n_embd
+    return {"total": total, "non_embedding": total - vocab_matrices * embedding - wpe,
+            "matmul": total - wpe - (vocab_matrices - 1) * embedding}
 
 
 def attention_flops_per_token(cfg: ModelConfig) -> float:

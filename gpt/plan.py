@@ -29,13 +29,16 @@ class DoesNotFit(Exception):
 
 def n_params(m: ModelConfig) -> int:
     """Parameters as init_params creates them (the vocabulary's padding rows included): the closed form of
-    the GPT-2 tree, so sizes too large to build can still be counted."""
-    d = m.n_embd
-    layer_norm = 2 * d if m.bias else d
-    matrices = 3 * d * d + d * d + 4 * d * d + 4 * d * d  # c_attn, attn c_proj, c_fc, mlp c_proj
-    biases = 3 * d + d + 4 * d + d if m.bias else 0
-    block = 2 * layer_norm + matrices + biases
-    return m.padded_vocab_size * d + m.block_size * d + m.n_layer * block + layer_norm
+    the model's tree for every architecture switch, so sizes too large to build can still be counted."""
+    d, head_dim, hidden = m.n_embd, m.n_embd // m.n_head, m.mlp_hidden
+    per_norm = int(m.norm_scale) + int(m.norm == "layernorm" and m.bias)  # values per normalised feature
+    qkv_width = (m.n_head + 2 * m.kv_heads) * head_dim
+    mlp_in = 2 * hidden if m.mlp == "swiglu" else hidden
+    matrices = d * qkv_width + d * d + d * mlp_in + hidden * d  # q/k/v, attention c_proj, c_fc, MLP c_proj
+    biases = qkv_width + d + mlp_in + d if m.bias else 0
+    block = 2 * per_norm * d + matrices + biases + (2 * head_dim * int(m.norm_scale) if m.qk_norm else 0)
+    embeddings = m.padded_vocab_size * d * (1 if m.tie_embeddings else 2)
+    return embeddings + (m.block_size * d if m.position == "learned" else 0) + m.n_layer * block + per_norm * d
 
 
 def device_memory(cfg: Config) -> tuple[int, str]:

@@ -31,6 +31,7 @@ RULES = (
     ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("head_dim", None),
@@ -123,6 +124,10 @@ def shard_init(init_fn, mesh: jax.sharding.Mesh, *args):
     """Shapes and shardings of what init_fn(*args) returns (Flax boxes carry the logical axes), and a jitted
     init that creates every array directly in its shard: no device ever holds a replicated full copy."""
     boxed = jax.eval_shape(init_fn, *args)
+    # An optimizer's placeholders for parameters another of its transforms owns (optax's MaskedNode) come boxed
+    # like those parameters: unbox them, so they stay empty nodes instead of getting a sharding.
+    boxed = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) and not hasattr(x.value, "shape") else x,
+                         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     unboxed = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
                            is_leaf=lambda x: isinstance(x, nn.Partitioned))  # no constraint outside jit

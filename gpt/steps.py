@@ -17,7 +17,7 @@ import optax
 
 from gpt import sharding
 from gpt.config import Config
-from gpt.model import GPT, init_params, lm_head
+from gpt.model import GPT, head_weights, init_params, lm_head
 from gpt.optim import apply_updates, lr_schedule, make_optimizer
 
 
@@ -34,11 +34,11 @@ def loss_fn(params, model: GPT, x, y, dropout_key, deterministic: bool):
     chunk = model.cfg.loss_chunk
     out, _ = model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs, head=not chunk)
     if chunk:
-        return chunked_cross_entropy(model.cfg, params["wte"]["embedding"], out, y, chunk)
+        return chunked_cross_entropy(model.cfg, head_weights(model.cfg, params), out, y, chunk)
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
 
-def chunked_cross_entropy(cfg, embedding, h_BTD, y_BT, chunk: int):
+def chunked_cross_entropy(cfg, w_DV, h_BTD, y_BT, chunk: int):
     """The LM head and cross-entropy `chunk` positions at a time: each chunk's [B, chunk, vocab] logits are
     made and consumed in one step of a scan, and recomputed (jax.checkpoint) in the backward pass instead of
     kept, so the [B, T, vocab] float32 logits never exist whole. Equal to the unchunked mean."""
@@ -48,7 +48,7 @@ def chunked_cross_entropy(cfg, embedding, h_BTD, y_BT, chunk: int):
 
     @jax.checkpoint
     def chunk_loss(h_BCD, y_BC):
-        return optax.softmax_cross_entropy_with_integer_labels(lm_head(cfg, embedding, h_BCD), y_BC).sum()
+        return optax.softmax_cross_entropy_with_integer_labels(lm_head(cfg, w_DV, h_BCD), y_BC).sum()
 
     return jax.lax.map(lambda hy: chunk_loss(*hy), (h_NBCD, y_NBC)).sum() / (b * t)
 

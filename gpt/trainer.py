@@ -188,7 +188,7 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
         manager = checkpoint.make_manager(cfg.train.out_dir, cfg.train.keep_checkpoints, keep_steps=save_steps(cfg.train))
         if cfg.train.init_from == "resume":
             meta = checkpoint.read_meta(manager, manager.latest_step())
-            checkpoint.check_layouts(meta, cfg.model, f"{out} step {meta['step']}", with_opt_state=True)
+            checkpoint.check_layouts(meta, cfg, f"{out} step {meta['step']}", with_opt_state=True)
             if "corpus" in meta and meta["corpus"] != data.corpus_identity(corpus):
                 raise ConfigError(f"{out} was trained on the corpus {meta['corpus']}, but dataset={cfg.data.dataset} "
                                   f"is {data.corpus_identity(corpus)}: resume with the same corpus, or start a new run")
@@ -207,7 +207,7 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
                 log.say(f"initialised from the GPT-2 weights in {cfg.train.init_from}")
         run = Run(cfg, mesh, model, tx, shardings, manager, data.Batches(cfg, dataset_dir, mesh), log,
                   {"config": cfg.to_dict(), "tokenizer": corpus, "corpus": data.corpus_identity(corpus),
-                   **checkpoint.layouts(cfg.model)})
+                   **checkpoint.layouts(cfg)})
         return run.loop(state, command)
 
 
@@ -219,7 +219,7 @@ def _start_from_run(cfg: Config, tx, abstract: TrainState, shardings: TrainState
     manager = checkpoint.make_manager(path, read_only=True)
     step = max(manager.all_steps()) if step < 0 else step
     reset = cfg.train.reset_optimizer
-    checkpoint.check_layouts(checkpoint.read_meta(manager, step), cfg.model, f"{path} step {step}",
+    checkpoint.check_layouts(checkpoint.read_meta(manager, step), cfg, f"{path} step {step}",
                              with_opt_state=not reset)
     try:
         _, params, opt_state, _ = checkpoint.restore(manager, step, abstract.params,
