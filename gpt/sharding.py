@@ -131,6 +131,20 @@ def shard_init(init_fn, mesh: jax.sharding.Mesh, *args):
     shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     unboxed = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
                            is_leaf=lambda x: isinstance(x, nn.Partitioned))  # no constraint outside jit
+    jax.tree_util.tree_map_with_path(_check_divides, unboxed, shardings)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
     init = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)
     return abstract, shardings, init
+
+
+def _check_divides(path, x, sharding: NamedSharding) -> None:
+    """One line, instead of JAX's IndivisibleError, when a parameter's axis does not split over its mesh axes
+    (3 heads over tensor=4, one key/value head over tensor=2)."""
+    for size, axes in zip(x.shape, sharding.spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(sharding.mesh.shape[a] for a in names)
+        if size % ways:
+            where = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            raise ConfigError(f"{where} has an axis of {size} that does not split over mesh {' x '.join(names)} = "
+                              f"{ways}: make n_head, n_kv_head, the MLP width and the vocabulary multiples of it, or "
+                              "use a smaller mesh axis")

@@ -343,9 +343,14 @@ class Run:
         try:
             timer, timed_steps, run_start, last_save = time.perf_counter(), 0, time.perf_counter(), time.monotonic()
             waited = 0.0  # prefetch.wait_s when the timer started
+            train_s = 0.0  # seconds of training steps in this process: no compile, evaluation or checkpoint time
             for step in range(start_step, t.max_iters):
+                if step != start_step and (step % t.eval_interval == 0 or step % t.checkpoint_interval == 0):
+                    jax.block_until_ready(state.step)  # the steps since the last row end here, before the pause
+                    train_s += time.perf_counter() - timer
+                    timer = time.perf_counter()
                 if step % t.eval_interval == 0 and (step != start_step or step == 0):
-                    last = {"step": step, **self.evaluate(state.params)}
+                    last = {"step": step, **self.evaluate(state.params), "train_s": train_s}
                     log.row(**last)
                     log.say(f"step {step}: val loss {last['val_loss']:.4f}, train loss {last['train_loss']:.4f}")
                 stop_now, time_due = self.control(step, stop, last_save)
@@ -375,11 +380,12 @@ class Run:
                             log.say(f"warning: skipped the batch of step {bad_step}: non-finite loss or gradient")
                     values = {k: float(v) for k, v in fetched[-1][1].items() if k != "finite"}
                     elapsed = time.perf_counter() - timer
+                    train_s += elapsed
                     tok_s = timed_steps * cfg.tokens_per_step / elapsed
                     mfu = self.mfu(timed_steps * self.flops_per_step / elapsed)
                     last = {"step": step, **values, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped,
                             "data_wait_s": (prefetch.wait_s - waited) / timed_steps,
-                            "elapsed_s": time.perf_counter() - self.started,
+                            "elapsed_s": time.perf_counter() - self.started, "train_s": train_s,
                             "peak_memory_bytes": metrics.peak_memory()}
                     log.row(**last)
                     eta = (t.max_iters - step - 1) * cfg.tokens_per_step / tok_s
@@ -388,7 +394,8 @@ class Run:
                             f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {_fmt_time(eta)}")
                     timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s
 
-            final = {"step": t.max_iters, **self.evaluate(state.params), "elapsed_s": time.perf_counter() - self.started}
+            final = {"step": t.max_iters, **self.evaluate(state.params), "elapsed_s": time.perf_counter() - self.started,
+                     "train_s": train_s}
             log.row(**final)
             log.say(f"step {t.max_iters}: val loss {final['val_loss']:.4f}, train loss {final['train_loss']:.4f} "
                     f"({_fmt_time(time.perf_counter() - run_start)})")
