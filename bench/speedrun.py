@@ -1,16 +1,18 @@
 """The CPU speedrun: training seconds to reach a fixed validation loss on the built-in corpus, as records.
 
     python bench/speedrun.py run NAME [--seeds=3] [--target=1.84] [--previous=NAME] -- [preset] [--key=value ...]
-    python bench/speedrun.py check NAME          # re-run a record beside the one it beat: does it still hold?
+    python bench/speedrun.py check NAME [--seeds=N]   # re-run a record beside the one it beat: still holds?
     python bench/speedrun.py ablate [--seconds=60] -- [preset] [--key=value ...]    # each switch alone
+    python bench/speedrun.py table               # the records as a markdown table
 
 A record is a train.py command run once per seed (--seed=0, 1, ...); its time is the `train_s` (seconds of
 training steps: no compilation, evaluation or checkpointing) of the first evaluation whose validation loss
 (the fixed evaluation batches) is at or below the target, and the record's figure is the mean over seeds.
 `run` writes records/speedrun/NAME/: record.json (date, command, resolved config, code version, machine, each
 seed's time, mean and spread) and each seed's metrics.jsonl. As modded-nanogpt requires, a record must beat the
-previous one over every seed's mean; `check` re-runs both, alternating seed by seed on the same machine, and
-exits 1 if the record no longer reaches the target or no longer beats the previous one.
+previous one over every seed's mean; `check` re-runs both from their recorded configs, alternating seed by
+seed on the same machine, and exits 1 if the record no longer reaches the target or no longer beats the
+previous one.
 
 `ablate` trains the base command and each switch of the modern recipe alone on top of it for the same training
 time (each variant's steps from its own measured step time), and prints their final validation loss and tokens/s.
@@ -28,7 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = REPO / "records" / "speedrun"
-RUNS = REPO / "sweeps" / "speedrun"  # run directories (ignored by git); the records keep their logs
+RUNS = REPO / "sweeps" / "speedrun"  # run directories (ignored by git; records under records/, check and ablate
+# under check/ and ablate/); the records keep their logs
 
 # The switches `ablate` tries one at a time (gpt/model.py and gpt/optim.py say what each does).
 SWITCHES = {
@@ -42,7 +45,7 @@ SWITCHES = {
     "logit_softcap=15": ["--logit_softcap=15"],
     "n_kv_head=1 (GQA)": ["--n_kv_head=1"],
     "zero_init": ["--zero_init=True"],
-    "muon": ["--optimizer=muon"],
+    "muon": ["--optimizer=muon", "--muon_learning_rate=0.05"],
 }
 
 
@@ -64,7 +67,7 @@ def record_run(name: str, args: list[str], seeds: int, target: float, previous: 
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in range(seeds):
-        rows = train([*args, f"--seed={seed}"], RUNS / name / f"seed{seed}")
+        rows = train([*args, f"--seed={seed}"], RUNS / "records" / name / f"seed{seed}")
         (out / f"metrics-seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         evals = [r for r in rows if "val_loss" in r]
         results.append({"seed": seed, "seconds": time_to_target(rows, target), "final_val_loss": evals[-1]["val_loss"],
@@ -85,16 +88,16 @@ def record_run(name: str, args: list[str], seeds: int, target: float, previous: 
     return record
 
 
-def check(name: str) -> int:
-    """Re-run the record and the one it beat, seed by seed in turn; 0 if it still reaches the target and
-    beats the previous record's mean, 1 if not."""
+def check(name: str, seeds: int | None = None) -> int:
+    """Re-run the record and the one it beat, seed by seed in turn (the record's seeds, or the first `seeds`);
+    0 if it still reaches the target and beats the previous record's mean, 1 if not."""
     record = json.loads((RECORDS / name / "record.json").read_text())
     names = [name] + ([record["previous"]] if record["previous"] else [])
     specs = {n: json.loads((RECORDS / n / "record.json").read_text()) for n in names}
     times = {n: [] for n in names}
-    for seed in range(len(record["seeds"])):
+    for seed in range(seeds or len(record["seeds"])):
         for n in names:
-            rows = train([*specs[n]["args"], f"--seed={seed}"], RUNS / "check" / n / f"seed{seed}")
+            rows = train([*replay(specs[n]), f"--seed={seed}"], RUNS / "check" / n / f"seed{seed}")
             times[n].append(time_to_target(rows, record["target_val_loss"]))
     means = {n: statistics.mean(t) if None not in t else None for n, t in times.items()}
     holds = means[name] is not None and (len(names) == 1 or means[names[1]] is None or means[name] < means[names[1]])
@@ -103,11 +106,18 @@ def check(name: str) -> int:
     return 0 if holds else 1
 
 
-def step_seconds(args: list[str]) -> float:
-    """Seconds per optimizer step of train.py's compiled step for args (bench/train.py, 10 steps)."""
+def replay(record: dict) -> list[str]:
+    """The record's resolved config as train.py flags: it re-runs exactly what ran, whatever presets or defaults
+    have become since."""
+    return [f"--{key}={value}" for key, value in record["config"].items() if key not in ("out_dir", "seed")]
+
+
+def step_speed(args: list[str]) -> tuple[float, float]:
+    """(seconds per optimizer step, tokens/s) of train.py's compiled step for args (bench/train.py, 10 steps)."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), *args, "--steps=10"], check=True,
                          cwd=REPO, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["step_ms"] / 1e3
+    bench = json.loads(out.strip().splitlines()[-1])
+    return bench["step_ms"] / 1e3, bench["tokens_per_s"]
 
 
 def ablate(seconds: float, base: list[str]) -> None:
@@ -115,13 +125,29 @@ def ablate(seconds: float, base: list[str]) -> None:
     time, so every variant gets the same time); one JSON line per variant."""
     for label, extra in {"baseline": [], **SWITCHES}.items():
         args = [*base, *extra]
-        step_s = step_seconds(args)
+        step_s, tokens_per_s = step_speed(args)
         steps = max(1, round(seconds / step_s))
         rows = train([*args, f"--max_iters={steps}", f"--eval_interval={steps}"], RUNS / "ablate" / label)
         final = [r for r in rows if "val_loss" in r][-1]
         print(json.dumps({"variant": label, "args": extra, "step_s": step_s, "steps": steps,
-                          "tokens_per_s": rows[0]["config"]["batch_size"] * rows[0]["config"]["block_size"] / step_s,
+                          "tokens_per_s": tokens_per_s,
                           "val_loss": final["val_loss"], "train_s": final["train_s"]}), flush=True)
+
+
+def table() -> str:
+    """The records as a markdown table, oldest first (records/speedrun/README.md and the README show it)."""
+    lines = ["| record | date | seconds to target, mean ± stdev (seeds) | vs previous | command | code |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    records = [json.loads(p.read_text()) for p in RECORDS.glob("*/record.json")]
+    means = {r["name"]: r["mean_s"] for r in records}
+    for r in sorted(records, key=lambda r: r["name"]):
+        seeds = ", ".join("-" if x["seconds"] is None else f"{x['seconds']:.1f}" for x in r["seeds"])
+        finals = ", ".join(f"{x['final_val_loss']:.3f} at {x['train_s']:.1f} s" for x in r["seeds"])
+        figure = f"not reached (final: {finals})" if r["mean_s"] is None else f"{r['mean_s']:.1f} ± {r['stdev_s'] or 0:.1f}"
+        before = means.get(r["previous"]) if r["previous"] else None
+        speedup = f"{before / r['mean_s']:.2f}x faster" if before and r["mean_s"] else ""
+        lines.append(f"| {r['name']} | {r['date']} | {figure} ({seeds}) | {speedup} | `{r['command']}` | {r['code']} |")
+    return "\n".join(lines)
 
 
 def option(argv: list[str], key: str, default):
@@ -134,17 +160,25 @@ def main(argv: list[str]) -> int:
         return 0
     own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    if argv[0] in ("run", "check") and (not own or own[0].startswith("--")):
+        print(f"{argv[0]} needs a record NAME: python bench/speedrun.py {argv[0]} NAME ...", file=sys.stderr)
+        return 2
     if argv[0] == "run":
-        name = own[0]
-        record_run(name, train_args, option(own, "seeds", 3), option(own, "target", 1.84), option(own, "previous", "")
-                   or None)
+        name, previous = own[0], option(own, "previous", "") or None
+        if previous and not (RECORDS / previous / "record.json").is_file():
+            print(f"previous={previous!r} is not a record in {RECORDS}", file=sys.stderr)
+            return 2
+        record_run(name, train_args, option(own, "seeds", 3), option(own, "target", 1.84), previous)
         return 0
     if argv[0] == "check":
-        return check(own[0])
+        return check(own[0], option(own, "seeds", 0) or None)
     if argv[0] == "ablate":
         ablate(option(own, "seconds", 60.0), train_args)
         return 0
-    print(f"unknown command {argv[0]!r}: use run, check or ablate", file=sys.stderr)
+    if argv[0] == "table":
+        print(table())
+        return 0
+    print(f"unknown command {argv[0]!r}: use run, check, ablate or table", file=sys.stderr)
     return 2
 
 

@@ -130,7 +130,7 @@ class OptimConfig:
                                   "linearly down to min_lr over the last cooldown_frac of lr_decay_iters)")
     cooldown_frac: float = opt(0.2, "wsd: the fraction of lr_decay_iters spent decaying, in (0, 1]")
     warmup_iters: int = opt(-1, "linear warmup steps; -1 = 10% of max_iters")
-    lr_decay_iters: int = opt(-1, "step where cosine decay reaches min_lr; -1 = max_iters")
+    lr_decay_iters: int = opt(-1, "step where the decay (cosine, linear or wsd) reaches min_lr; -1 = max_iters")
     min_lr: float = opt(-1.0, "final learning rate; -1 = learning_rate / 10")
     gradient_accumulation_steps: int = opt(1, "micro-steps accumulated per optimizer step")
 
@@ -382,8 +382,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"n_kv_head={m.n_kv_head}: must be 0 (= n_head) or a divisor of n_head={m.n_head}")
     if m.position == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError(f"position=rope needs an even head_dim (n_embd / n_head), not {m.n_embd // m.n_head}")
-    if m.rope_theta <= 0 or m.logit_softcap < 0:
-        raise ConfigError(f"rope_theta={m.rope_theta} must be > 0 and logit_softcap={m.logit_softcap} >= 0")
+    if m.rope_theta <= 0:
+        raise ConfigError(f"rope_theta={m.rope_theta}: must be > 0")
+    if m.logit_softcap < 0:
+        raise ConfigError(f"logit_softcap={m.logit_softcap}: must be >= 0 (0 = off)")
     if m.loss_chunk < 0 or (m.loss_chunk and m.block_size % m.loss_chunk):
         raise ConfigError(f"loss_chunk={m.loss_chunk}: must be 0 or a divisor of block_size={m.block_size}")
     if not 0.0 <= m.dropout < 1.0:

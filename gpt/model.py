@@ -20,7 +20,7 @@ Attention in training runs on the kernel `attention_backend` picks: cuDNN's fuse
 [batch, heads, T, T] scores made by two batched matmuls, as the decoder computes them. `remat` recomputes each block's activations in the backward
 pass instead of keeping them, by one of `REMAT_POLICIES`.
 
-Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, heads, cache_len, head_dim], passed
+Decoding uses an explicit KV cache: a tuple of (k, v) per layer, [batch, kv_heads, cache_len, head_dim], passed
 in and returned, so the decode loop stays a pure function under jit.
 """
 

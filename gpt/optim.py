@@ -1,8 +1,8 @@
 """The optimizer: gradient clipping then AdamW (or Muon for the blocks' matrices), weight decay on matrices
 only, warmup then a cosine, linear or warmup-stable-decay schedule.
 
-The optax chain stops short of the learning rate: it returns the AdamW direction (Adam's normalised moment
-plus the decoupled weight decay), and the train step scales it by -lr_schedule(step) with the step it also
+The optax chain stops short of the learning rate: it returns the update direction (AdamW's: Adam's normalised
+moment plus the decoupled weight decay; or Muon's for the blocks' matrices), and the train step scales it by -lr_schedule(step) with the step it also
 logs. So the logged learning rate is the applied one, also after a skipped (non-finite) batch, whose update
 and moment changes are dropped while the step, which picks the data, moves on.
 
@@ -63,16 +63,15 @@ def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
     one schedule gives them their own peak; AdamW for everything else (embeddings, an untied head, norms,
     biases), as nanochat does. Weight decay is decoupled in both, on decay_mask's leaves."""
     clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    adamw = optax.chain(optax.scale_by_adam(b1=o.beta1, b2=o.beta2),
-                        optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
-    if o.optimizer == "adamw":
-        return optax.chain(*clip, adamw)
+    adamw = [optax.scale_by_adam(b1=o.beta1, b2=o.beta2), optax.add_decayed_weights(o.weight_decay, mask=decay_mask)]
+    if o.optimizer == "adamw":  # one flat chain: the state tree STATE_LAYOUT 2 names, which checkpoints hold
+        return optax.chain(*clip, *adamw)
     muon = optax.chain(optax.contrib.scale_by_muon(beta=o.muon_momentum, weight_dimension_numbers=muon_views),
                        _scale_by_width(), optax.add_decayed_weights(o.weight_decay),
                        optax.scale(o.muon_learning_rate / o.learning_rate))
     labels = lambda params: jax.tree.map(lambda view: "adamw" if view is None else "muon", muon_views(params),
                                          is_leaf=lambda x: x is None or isinstance(x, MuonView))
-    return optax.chain(*clip, optax.partition({"muon": muon, "adamw": adamw}, labels))
+    return optax.chain(*clip, optax.partition({"muon": muon, "adamw": optax.chain(*adamw)}, labels))
 
 
 MuonView = optax.contrib.MuonDimensionNumbers
@@ -109,7 +108,8 @@ def muon_views(params):
 
 def _scale_by_width() -> optax.GradientTransformation:
     """Scale each orthogonalised matrix by sqrt(max(1, fan_out / fan_in)) (Muon's rule; fans from muon_views),
-    so a wide output keeps the per-entry update size of a square matrix."""
+    so a wide output keeps the per-entry update size of a square matrix. (optax.contrib.muon does this with
+    a scale_by_shape that optax 0.2.8 does not export.)"""
 
     def update(updates, state, params=None):
         def scale(u, view):

@@ -34,11 +34,17 @@ def n_params(m: ModelConfig) -> int:
     per_norm = int(m.norm_scale) + int(m.norm == "layernorm" and m.bias)  # values per normalised feature
     qkv_width = (m.n_head + 2 * m.kv_heads) * head_dim
     mlp_in = 2 * hidden if m.mlp == "swiglu" else hidden
-    matrices = d * qkv_width + d * d + d * mlp_in + hidden * d  # q/k/v, attention c_proj, c_fc, MLP c_proj
     biases = qkv_width + d + mlp_in + d if m.bias else 0
-    block = 2 * per_norm * d + matrices + biases + (2 * head_dim * int(m.norm_scale) if m.qk_norm else 0)
+    block = 2 * per_norm * d + _block_matrices(m) + biases + (2 * head_dim * int(m.norm_scale) if m.qk_norm else 0)
     embeddings = m.padded_vocab_size * d * (1 if m.tie_embeddings else 2)
     return embeddings + (m.block_size * d if m.position == "learned" else 0) + m.n_layer * block + per_norm * d
+
+
+def _block_matrices(m: ModelConfig) -> int:
+    """The weights of one block's matrices (q/k/v, attention's c_proj, c_fc, the MLP's c_proj): what Muon updates."""
+    d = m.n_embd
+    qkv_width = (m.n_head + 2 * m.kv_heads) * (d // m.n_head)
+    return d * qkv_width + d * d + d * m.mlp_hidden * (2 if m.mlp == "swiglu" else 1) + m.mlp_hidden * d
 
 
 def device_memory(cfg: Config) -> tuple[int, str]:
@@ -62,11 +68,13 @@ def lower_bound(cfg: Config, mesh_shape: dict[str, int]) -> dict[str, int]:
     p = n_params(m)
     return {
         "parameters": 4 * p // state_shards,  # float32
-        "optimizer_state": 8 * p // state_shards,  # AdamW's mu and nu, float32
+        # AdamW's mu and nu, float32; Muon keeps one momentum for the blocks' matrices
+        "optimizer_state": (8 * p - (4 * m.n_layer * _block_matrices(m) if cfg.optim.optimizer == "muon" else 0))
+                           // state_shards,
         "gradients": 4 * p // state_shards,
         "batch": 2 * 4 * tokens * cfg.optim.gradient_accumulation_steps,  # inputs and targets, int32
         "logits": 4 * tokens * m.padded_vocab_size // mesh_shape["tensor"],  # one micro-batch, float32
-        "saved_activations": m.n_layer * tokens * m.n_embd * bytes_per_value * _saved_per_layer(m),
+        "saved_activations": int(m.n_layer * tokens * m.n_embd * bytes_per_value * _saved_per_layer(m)),
     }
 
 
@@ -75,11 +83,12 @@ def _rows_per_device(cfg: Config, mesh_shape: dict[str, int]) -> int:
     return -(-cfg.data.batch_size // (mesh_shape["data"] * mesh_shape["fsdp"]))
 
 
-def _saved_per_layer(m: ModelConfig) -> int:
+def _saved_per_layer(m: ModelConfig) -> float:
     """Activations per token, in units of n_embd, that a layer surely keeps for the backward pass: its input
-    under any remat policy; with remat=none also q, k, v and the attention output, which nothing recomputes
-    short of redoing the attention (the MLP's and LayerNorms' are left out: XLA might recompute those)."""
-    return 1 if m.remat != "none" else 5
+    under any remat policy; with remat=none also q, k, v (k and v with kv_heads of n_head heads) and the
+    attention output, which nothing recomputes short of redoing the attention (the MLP's and the norms' are
+    left out: XLA might recompute those)."""
+    return 1 if m.remat != "none" else 3 + 2 * m.kv_heads / m.n_head
 
 
 def check(cfg: Config, mesh_shape: dict[str, int]) -> dict:

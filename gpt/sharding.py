@@ -146,5 +146,5 @@ def _check_divides(path, x, sharding: NamedSharding) -> None:
         if size % ways:
             where = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
             raise ConfigError(f"{where} has an axis of {size} that does not split over mesh {' x '.join(names)} = "
-                              f"{ways}: make n_head, n_kv_head, the MLP width and the vocabulary multiples of it, or "
+                              f"{ways}: make n_embd, n_head, n_kv_head, the MLP width and the vocabulary multiples of it, or "
                               "use a smaller mesh axis")

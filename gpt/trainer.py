@@ -345,23 +345,24 @@ class Run:
             waited = 0.0  # prefetch.wait_s when the timer started
             train_s = 0.0  # seconds of training steps in this process: no compile, evaluation or checkpoint time
             for step in range(start_step, t.max_iters):
-                if step != start_step and (step % t.eval_interval == 0 or step % t.checkpoint_interval == 0):
+                stop_now, time_due = self.control(step, stop, last_save)
+                evaluate_now = step % t.eval_interval == 0 and (step != start_step or step == 0)
+                save_now = step != start_step and (step % t.checkpoint_interval == 0 or step in self.save_steps
+                                                   or time_due or stop_now)
+                if step != start_step and (evaluate_now or save_now):
                     jax.block_until_ready(state.step)  # the steps since the last row end here, before the pause
                     train_s += time.perf_counter() - timer
-                    timer = time.perf_counter()
-                if step % t.eval_interval == 0 and (step != start_step or step == 0):
+                if evaluate_now:
                     last = {"step": step, **self.evaluate(state.params), "train_s": train_s}
                     log.row(**last)
                     log.say(f"step {step}: val loss {last['val_loss']:.4f}, train loss {last['train_loss']:.4f}")
-                stop_now, time_due = self.control(step, stop, last_save)
-                if step != start_step and (step % t.checkpoint_interval == 0 or step in self.save_steps or time_due
-                                           or stop_now):
+                if save_now:
                     self.save(state, step)
                     last_save = time.monotonic()
                 if stop_now:
                     log.say(f"{stop.signal or 'stop'}: saved checkpoint at step {step}; resume with --init_from=resume")
                     return last
-                if step % t.eval_interval == 0 or step % t.checkpoint_interval == 0:
+                if evaluate_now or save_now:
                     timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s  # training steps only
 
                 state, step_metrics = compiled(state, prefetch.get(step))

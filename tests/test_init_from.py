@@ -64,7 +64,7 @@ def test_reset_optimizer_keeps_the_parameters_and_starts_over_at_step_0(data_dir
     (["--init_from={src}", "--tokenizer=gpt2"], "was trained with tokenizer=byte"),
     (["--init_from={src}/nowhere"], "init_from="),
     (["--save_steps=4,x"], "save_steps='4,x': must be comma-separated"),
-    (["--schedule=linear"], "schedule='linear': use cosine or wsd"),
+    (["--schedule=step"], "schedule='step': use cosine, linear or wsd"),
     (["--schedule=wsd", "--cooldown_frac=0"], "cooldown_frac=0.0: must be in (0, 1]"),
     (["--schedule=wsd", "--warmup_iters=7"], "runs into the wsd cooldown"),
     (["--schedule=wsd", "--cooldown_frac=0.95", "--max_iters=100"], "warmup_iters=10 runs into the wsd cooldown"),

@@ -452,3 +452,13 @@ def test_explicit_values_are_kept():
     overridden = load_config(["gpt2_124m", "--min_lr=-1", "--warmup_iters=-1"])
     assert overridden.optim.min_lr == pytest.approx(overridden.optim.learning_rate / 10, rel=1e-12)
     assert overridden.optim.warmup_iters == overridden.train.max_iters // 10
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_adamw_state_keeps_the_layout_checkpoints_hold(gpt_params, grad_clip):
+    """STATE_LAYOUT 2 is one flat chain: (clipping's state,) Adam's moments, the decay's empty state. A nested
+    chain holds the same numbers in another tree, which every checkpoint written before it could not restore."""
+    state = make_optimizer(OptimConfig(grad_clip=grad_clip)).init(gpt_params)
+    adam = 1 if grad_clip else 0
+    assert len(state) == adam + 2 and isinstance(state[adam], optax.ScaleByAdamState)
+    assert jax.tree.structure(state[adam].mu) == jax.tree.structure(gpt_params)

@@ -14,7 +14,7 @@ import pytest
 from gpt import cli, plan
 from gpt.config import Config, ModelConfig
 from gpt.model import init_params
-from tests.helpers import REPO, TINY, tiny_model_config
+from tests.helpers import REPO, TINY, tiny_model_config, tiny_model_flags
 
 
 @pytest.mark.parametrize("changes", [{}, {"bias": False}, {"n_layer": 3, "n_embd": 48, "vocab_size": 300},
@@ -140,3 +140,19 @@ def test_a_mesh_larger_than_the_machine_is_planned_on_simulated_devices(tmp_path
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["devices"] == 8
     # fsdp splits the parameters four ways (up to the leaves too small to split)
     assert report["bytes_per_device"]["parameters"] < 0.3 * 4 * plan.n_params(tiny_model_config())
+
+
+@pytest.mark.parametrize("flags", [[], ["--optimizer=muon"], ["--optimizer=muon", "--mlp=swiglu", "--n_kv_head=1"]])
+def test_optimizer_state_bound_is_the_optimizers_state(flags):
+    """The lower bound's optimizer state against the bytes of the state the optimizer builds: AdamW keeps two
+    moments of every parameter, Muon one of the blocks' matrices (its bound must not refuse what fits)."""
+    from gpt.config import load_config
+    from gpt.optim import make_optimizer
+
+    cfg = load_config([*tiny_model_flags(), "--vocab_size=256", *flags])
+    params = jax.eval_shape(lambda: jax.tree.map(lambda x: x.value, init_params(cfg.model, jax.random.key(0)),
+                                                 is_leaf=lambda x: hasattr(x, "value")))
+    state = jax.eval_shape(make_optimizer(cfg.optim).init, params)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    bound = plan.lower_bound(cfg, {"data": 1, "fsdp": 1, "tensor": 1})["optimizer_state"]
+    assert 0 <= state_bytes - bound < 64  # the step counts (and Newton-Schulz's coefficients) beside the moments

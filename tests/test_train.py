@@ -142,6 +142,12 @@ def test_metrics_rows(data_dir, tmp_path):
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 4, 8] and all("loss" not in r and "train_loss" in r for r in evals)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # train_s (the speedrun's clock) counts training steps only: it grows with every row, starts at 0 before the
+    # first step, and stays below the wall time since the start, which also holds compilation and evaluations.
+    clock = [r for r in rows if "train_s" in r]
+    assert [r["step"] for r in clock] == [0, 0, 3, 4, 6, 7, 8] and clock[0]["train_s"] == 0
+    assert all(a["train_s"] <= b["train_s"] for a, b in zip(clock, clock[1:])) and clock[-1]["train_s"] > 0
+    assert all(r["train_s"] < r["elapsed_s"] for r in clock if "elapsed_s" in r)
     saved = json.loads((out / "config.json").read_text())
     assert saved["vocab_size"] == 256 and saved["warmup_iters"] == 0 and saved["lr_decay_iters"] == 8
     # The config keeps what was asked (auto resumes right on another machine); the start row says what ran.
