@@ -71,3 +71,39 @@ def random_model(cfg: ModelConfig, seed: int = 0, batch: int = 2):
     keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
     params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
     return model, params, idx
+
+
+def check_cached_decode(cfg: ModelConfig, params, full_logits, vocab: int, steps: int = 6):
+    """Drive gpt.sampling's prefill, then per-token cached steps (random tokens), for two left-padded prompts
+    of different lengths, and assert every step's logits equal full_logits(ids)[-1], a full recompute of the
+    row's ids. Returns the prefill's cache (for shape checks)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gpt.model import GPT
+    from gpt.sampling import Generator
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    length = 8
+    tokens = np.zeros((2, length), np.int32)
+    pad = np.array([length - len(p) for p in prompts], np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, pad[r]:] = p
+    logits, cache = Generator(cfg, params)._prefill(params, tokens, pad, cache_len=length + steps)
+    prefill_cache, seqs, slot = cache, [list(p) for p in prompts], jnp.arange(length + steps)
+    rng = np.random.default_rng(0)
+    step = jax.jit(lambda p, *a: GPT(cfg).apply({"params": p}, *a))
+    for t in range(steps):
+        for r in range(2):
+            np.testing.assert_allclose(np.asarray(logits[r, :vocab]), full_logits(seqs[r])[-1, :vocab],
+                                       rtol=1e-4, atol=1e-4, err_msg=f"step {t}, row {r}")
+        token = rng.integers(0, vocab, size=2)
+        for r in range(2):
+            seqs[r].append(int(token[r]))
+        index = length + t
+        mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
+        out, cache = step(params, jnp.asarray(token[:, None], jnp.int32), jnp.asarray((index - pad)[:, None]),
+                          mask[:, None, None, :], cache, index)
+        logits = out[:, -1]
+    return prefill_cache

@@ -26,9 +26,9 @@ import pytest
 
 from gpt.config import load_config
 from gpt.model import init_params
-from gpt.optim import MuonView, apply_updates, lr_schedule, make_optimizer, muon_views
+from gpt.optim import MuonView, lr_schedule, muon_views
 from tests.helpers import tiny_model_config
-from tests.test_optim import flat, hand_made, numpy_adamw, schedule_steps
+from tests.test_optim import flat, hand_made, numpy_adamw, run_optimizer, schedule_steps
 
 NS_COEFFS = (3.4445, -4.775, 2.0315)  # Jordan et al.'s quintic, optax's default
 NS_STEPS = 5
@@ -156,21 +156,6 @@ def muon_config():
     return o
 
 
-def run_muon(o, params, grads_per_step):
-    tx, schedule = make_optimizer(o), lr_schedule(o)
-
-    @jax.jit
-    def step(params, opt_state, grads, it):
-        direction, opt_state = tx.update(grads, opt_state, params)
-        return apply_updates(params, direction, schedule(it)), opt_state
-
-    opt_state, history = tx.init(params), []
-    for i, grads in enumerate(grads_per_step):
-        params, opt_state = step(params, opt_state, grads, jnp.int32(i))
-        history.append(params)
-    return history
-
-
 def random_grads(params, seed: int, scale: float):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: jnp.asarray(scale * 0.01 * rng.standard_normal(x.shape), jnp.float32), params)
@@ -186,7 +171,7 @@ def test_muon_steps_match_numpy(tree):
     lrs = [float(lr_schedule(o)(i)) for i in range(len(grads))]
     assert len(set(lrs)) > 1  # warmup and peak
 
-    got = run_muon(o, params, grads)
+    got, _ = run_optimizer(o, params, grads)
     stacked = "h" in params
     want = numpy_muon(flat(params), [flat(g) for g in grads], o, lrs, stacked)
     assert any(is_muon(k) for k in want[0]) and any(not is_muon(k) for k in want[0])

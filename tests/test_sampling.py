@@ -8,7 +8,7 @@ import pytest
 from gpt.config import ConfigError
 from gpt.model import GPT
 from gpt.sampling import Generator, Rules, filter_logits, sample_logits
-from tests.helpers import random_model, tiny_model_config
+from tests.helpers import check_cached_decode, random_model, tiny_model_config
 
 # The suite's tiny model with a longer context (prompts plus 40 new tokens fit; two 32-token chunks, and a
 # sliding window of half a context, are exercised) and a vocabulary that the model pads (200 -> 256).
@@ -47,29 +47,7 @@ def test_greedy_equals_step_by_step_argmax_of_full_forward(model_params):
 def test_cached_decode_logits_equal_full_recompute(model_params):
     """Drive prefill + per-token cached steps by hand with left-padded mixed-length prompts."""
     model, params = model_params
-    gen = Generator(CFG, params)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    length, steps = 8, 6
-    tokens = np.zeros((2, length), np.int32)
-    pad = np.array([length - len(p) for p in prompts], np.int32)
-    for r, p in enumerate(prompts):
-        tokens[r, pad[r]:] = p
-    logits, cache = gen._prefill(params, tokens, pad, cache_len=length + steps)
-    seqs = [list(p) for p in prompts]
-    slot = jnp.arange(length + steps)
-    rng = np.random.default_rng(0)
-    for t in range(steps):
-        for r in range(2):
-            np.testing.assert_allclose(np.asarray(logits[r, :200]), full_logits(model, params, seqs[r])[-1, :200],
-                                       rtol=1e-4, atol=1e-4)
-        token = rng.integers(0, 200, size=2)
-        for r in range(2):
-            seqs[r].append(int(token[r]))
-        index = length + t
-        mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
-        out, cache = model.apply({"params": params}, jnp.asarray(token[:, None], jnp.int32),
-                                 jnp.asarray((index - pad)[:, None]), mask[:, None, None, :], cache, index)
-        logits = out[:, -1]
+    check_cached_decode(CFG, params, lambda ids: full_logits(model, params, ids), 200)
 
 
 def test_top_k_never_leaves_the_k_best():

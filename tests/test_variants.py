@@ -36,7 +36,8 @@ import pytest
 from gpt.config import ConfigError, load_config
 from gpt.model import GPT, init_cache, init_params, param_counts, stack_layers
 from gpt.plan import n_params
-from tests.helpers import REPO, TINY, flags, run_command, simulated_devices_env, tiny_model_config
+from tests.helpers import (REPO, TINY, check_cached_decode, flags, run_command, simulated_devices_env,
+                           tiny_model_config)
 from tests.reference import numpy_gpt
 
 VOCAB = 200  # padded to 256 by the model: the padding is exercised everywhere
@@ -193,41 +194,17 @@ def _full_logits(cfg, params, ids):
 
 @pytest.mark.parametrize("name", ["gqa", "rope", "swiglu", "modern"])
 def test_cached_decode_logits_equal_full_recompute(name):
-    """Prefill + per-token cached steps, with left-padded prompts of mixed length (as test_sampling does)."""
-    from gpt.sampling import Generator
-
+    """Prefill + per-token cached steps, with left-padded prompts of mixed length (tests.helpers.check_cached_decode)."""
     cfg = variant(name)
-    model, params, _ = random_model(cfg)
-    gen = Generator(cfg, params)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    length, steps = 8, 6
-    tokens = np.zeros((2, length), np.int32)
-    pad = np.array([length - len(p) for p in prompts], np.int32)
-    for r, p in enumerate(prompts):
-        tokens[r, pad[r]:] = p
-    logits, cache = gen._prefill(params, tokens, pad, cache_len=length + steps)
+    _, params, _ = random_model(cfg)
+    steps, length = 6, 8
+    cache = check_cached_decode(cfg, params, lambda ids: _full_logits(cfg, params, ids), VOCAB, steps)
     head_dim = cfg.n_embd // cfg.n_head
     want = (2, cfg.kv_heads, length + steps, head_dim)
     assert len(cache) == cfg.n_layer and all(k.shape == v.shape == want for k, v in cache)
     assert init_cache(cfg, 2, length + steps)[0][0].shape == want
     if name in ("gqa", "modern"):
         assert cfg.kv_heads < cfg.n_head
-    seqs = [list(p) for p in prompts]
-    slot = jnp.arange(length + steps)
-    rng = np.random.default_rng(0)
-    step = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    for t in range(steps):
-        for r in range(2):
-            np.testing.assert_allclose(np.asarray(logits[r, :VOCAB]), _full_logits(cfg, params, seqs[r])[-1, :VOCAB],
-                                       rtol=1e-4, atol=1e-4, err_msg=f"step {t}, row {r}")
-        token = rng.integers(0, VOCAB, size=2)
-        for r in range(2):
-            seqs[r].append(int(token[r]))
-        index = length + t
-        mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
-        out, cache = step(params, jnp.asarray(token[:, None], jnp.int32), jnp.asarray((index - pad)[:, None]),
-                          mask[:, None, None, :], cache, index)
-        logits = out[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------- layouts
