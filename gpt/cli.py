@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse_args
+from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse_args, validate_data
 from gpt.exits import fail, guarded, quiet_orbax
 from gpt.files import json_lines
 
@@ -194,7 +194,8 @@ def _sample(args, prompts: list[str], loaded) -> int:
     return 0
 
 
-PREPARE_USAGE = "usage: python -m gpt.cli prepare [--dataset=NAME|PATH] [--tokenizer=byte|gpt2] [--data_dir=DIR]"
+PREPARE_USAGE = ("usage: python -m gpt.cli prepare [--dataset=NAME|PATH|GLOB[+...][:W,...]] [--tokenizer=byte|gpt2] "
+                 "[--data_dir=DIR] [--text_field=text] [--on_bad_record=error|skip] [--num_proc=N] [--shard_mb=MB]")
 
 
 def run_prepare(argv: list[str]) -> int:
@@ -204,13 +205,12 @@ def run_prepare(argv: list[str]) -> int:
         print(help_text(DataConfig(), PREPARE_USAGE))
         return 0
     def prepare() -> int:
-        from gpt.data import prepare
+        from gpt.prepare import prepare_all
 
         data = parse_args(DataConfig(), argv, allow_preset=False)
-        if data.tokenizer not in ("byte", "gpt2"):
-            raise ConfigError(f"tokenizer={data.tokenizer!r}: use byte or gpt2")
-        check_writable_dir("data_dir", data.data_dir)
-        print(prepare(data))
+        validate_data(data)
+        for _, directory in prepare_all(data):
+            print(directory)
         return 0
 
     return guarded(prepare)

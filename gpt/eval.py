@@ -106,20 +106,24 @@ def summarize(nats_W: np.ndarray, bytes_W: np.ndarray, tokens_W: np.ndarray) -> 
             "loss_se": se, "tokens": n_tokens, "bytes": n_bytes, "windows": n_windows}
 
 
-def split_tokens(run: Config, corpus: dict | None, split: str) -> np.ndarray:
-    """The whole split of the prepared corpus the run trained on, checked to be that corpus."""
-    from gpt import data
+def split_tokens(run: Config, corpus: list | None, split: str):
+    """The whole split of the prepared corpus the run trained on, checked to be that corpus (for a mixture, its
+    corpora's splits one after another)."""
+    from gpt import data, prepare, sources
 
-    directory = data.dataset_dir(run.data)
-    if not (directory / "meta.json").is_file():
-        raise ConfigError(f"the run's corpus is not prepared at {directory}: prepare it with python -m gpt.cli "
-                          f"prepare --dataset={run.data.dataset} --tokenizer={run.data.tokenizer} "
-                          f"--data_dir={run.data.data_dir} (a relative data_dir is read from the current directory)")
-    meta = data.validate(directory, run.data.tokenizer, run.model.block_size)
-    if corpus is not None and data.corpus_identity(meta) != corpus:
-        raise ConfigError(f"{directory} holds the corpus {data.corpus_identity(meta)}, but the checkpoint was trained "
-                          f"on {corpus}: prepare the run's corpus again")
-    return data.load_split(directory, split)
+    corpora = []
+    for component in sources.parse_dataset(run.data.dataset):
+        directory = prepare.corpus_dir(run.data, component)
+        if not (directory / "meta.json").is_file():
+            raise ConfigError(f"the run's corpus is not prepared at {directory}: prepare it with python -m gpt.cli "
+                              f"prepare --dataset={run.data.dataset} --tokenizer={run.data.tokenizer} "
+                              f"--data_dir={run.data.data_dir} (a relative data_dir is read from the current directory)")
+        meta = prepare.validate(directory, run.data.tokenizer, run.model.block_size)
+        corpora.append(data.Corpus(component.spec, directory, component.weight, meta))
+    if corpus is not None and data.identity(corpora) != corpus:
+        raise ConfigError(f"the prepared corpus {data.identity(corpora)} is not the {corpus} the checkpoint was "
+                          "trained on: prepare the run's corpus again")
+    return data.Tokens([shard for c in corpora for shard in data.Tokens.of(c.directory, split).shards])
 
 
 def read_text(file: str) -> str:

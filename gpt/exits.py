@@ -21,19 +21,24 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def _loaded(module: str, name: str) -> type | tuple:
+    """An error class of a module if it was imported, else () (which isinstance never matches): a module never
+    imported cannot have raised, and importing it here would load JAX into every command, `prepare` included."""
+    return getattr(sys.modules.get(module), name, ())
+
+
 def guarded(body) -> int:
     """body()'s exit code, or the one-line error and exit code of what stopped it."""
-    from gpt.checkpoint import SaveError
-    from gpt.data import PrepareError
-    from gpt.plan import DoesNotFit
-
     try:
         return body()
     except ConfigError as e:
         return fail(str(e), 2)
-    except DoesNotFit as e:
-        return fail(str(e), 3)
-    except (FloatingPointError, SaveError, PrepareError) as e:  # stopped; what was saved before is intact
-        return fail(str(e), 1)
     except KeyboardInterrupt:  # before training started (while preparing data or compiling)
         return fail("interrupted before training started", 130)
+    except Exception as e:
+        if isinstance(e, _loaded("gpt.plan", "DoesNotFit")):
+            return fail(str(e), 3)
+        stopped = (FloatingPointError, _loaded("gpt.checkpoint", "SaveError"), _loaded("gpt.prepare", "PrepareError"))
+        if isinstance(e, stopped):  # stopped; what was saved before is intact
+            return fail(str(e), 1)
+        raise

@@ -9,11 +9,13 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 
 from gpt.config import Config
+from gpt.track import Tracker
 
 # Dense peak FLOP/s per device from the vendors' datasheets: (device_kind fragment, 16-bit, 32-bit).
 # Checked in order, so a part whose name contains another's comes first ("a100" before "a10"). The 32-bit
@@ -134,16 +136,24 @@ def versions() -> dict[str, str]:
 
 
 class Logger:
-    """metrics.jsonl rows and terminal lines; only process 0 writes."""
+    """metrics.jsonl rows, mirrored to the experiment trackers given, and terminal lines; only process 0
+    writes."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, trackers: Sequence[Tracker] = ()):
         self.main = jax.process_index() == 0
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.trackers = list(trackers)
 
     def row(self, **row) -> None:
         if self.main:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            for tracker in self.trackers:
+                tracker.log(row)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     def say(self, text: str) -> None:
         if self.main:

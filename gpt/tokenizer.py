@@ -28,6 +28,17 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+    def end_document(self, ids: np.ndarray) -> np.ndarray:
+        """A document's ids as they end in a corpus: no spare id marks the end, so a blank line does (its
+        trailing newlines replaced by exactly two)."""
+        end = len(ids)
+        while end and ids[end - 1] == ord("\n"):
+            end -= 1
+        return np.concatenate([ids[:end], np.frombuffer(b"\n\n", np.uint8)])
+
     def decode(self, ids) -> str:
         # A sample can stop mid-character; show the replacement character rather than fail.
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -45,6 +56,13 @@ class GPT2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.enc.encode_ordinary(text), np.uint16)
+
+    def end_document(self, ids: np.ndarray) -> np.ndarray:
+        """A document's ids as they end in a corpus: followed by <|endoftext|>, as in GPT-2's training data."""
+        return np.append(ids, np.uint16(self.eot_token))
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids])

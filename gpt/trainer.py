@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt import checkpoint, data, metrics, sharding
+from gpt import checkpoint, data, metrics, prepare, sharding, sources, track
 from gpt.config import (ARCHITECTURE_KEYS, Config, ConfigError, ModelConfig, apply_layers, check_writable_dir,
                         read_args, resolve, save_steps, split_init_from, validate)
 from gpt.model import attention_backend, flops_per_token, param_counts
@@ -41,6 +41,7 @@ def prepare_run(argv: list[str]) -> Config:
     asked = {k for _, values in layers for k in values}
     cfg = apply_layers(Config(), layers)
     validate(cfg)
+    track.parse_log_to(cfg.train.log_to)  # an unknown tracker: one line before anything starts
     out = Path(cfg.train.out_dir)
     has_checkpoints = bool(checkpoint_steps(cfg.train.out_dir))
     if cfg.train.init_from == "resume" or cfg.train.eval_only:
@@ -71,10 +72,8 @@ def prepare_run(argv: list[str]) -> Config:
         cfg.model.vocab_size = get_tokenizer(cfg.data.tokenizer).vocab_size
     validate(cfg)
     check_writable_dir("out_dir", cfg.train.out_dir)
-    if not (data.dataset_dir(cfg.data) / "meta.json").is_file():  # the corpus will be prepared there
-        if cfg.data.dataset not in data.BUILTIN_CORPORA:
-            data.corpus_files(cfg.data.dataset)
-        check_writable_dir("data_dir", cfg.data.data_dir)
+    for component in sources.parse_dataset(cfg.data.dataset):  # a bad spec, a missing file: one line now
+        prepare.check_preparable(cfg.data, component)
     return resolve(cfg)
 
 
@@ -139,6 +138,13 @@ class StopFlag:
             signal.signal(s, handler)
 
 
+def _fmt_epochs(epochs: dict[str, float]) -> str:
+    """The data position for the terminal: 0.42, or web 0.42 / code 1.30 for a mixture."""
+    if len(epochs) == 1:
+        return f"{next(iter(epochs.values())):.2f}"
+    return " / ".join(f"{name} {e:.2f}" for name, e in epochs.items())
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -163,8 +169,12 @@ def train(cfg: Config, command: list[str] | None = None) -> dict:
     if refusal:
         raise refusal
     try:
+        if jax.process_index() == 0:  # opened only now, so a refused run leaves no tracker run behind
+            log = metrics.Logger(out, track.open_trackers(track.parse_log_to(cfg.train.log_to), out, out.name,
+                                                          cfg.to_dict()))
         return _train(cfg, command or sys.argv, out, log)
     finally:
+        log.close()
         if lock:
             lock.release()
 
@@ -176,10 +186,10 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
                 log.say(f"overwrite=True: removing {old}")
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
 
-    dataset_dir = data.prepare(cfg.data, quiet=jax.process_index() != 0)
-    corpus = data.validate(dataset_dir, cfg.data.tokenizer, cfg.model.block_size)
-    if cfg.model.vocab_size < corpus["vocab_size"]:
-        raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {corpus['vocab_size']}")
+    corpora = data.load_corpora(cfg.data, cfg.model.block_size, quiet=jax.process_index() != 0)
+    vocab_size = corpora[0].meta["vocab_size"]
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
     attention_backend(cfg.model)  # attention=cudnn where it cannot run: one line now, not a trace at compile
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.batch_size, mesh)
@@ -189,9 +199,9 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
         if cfg.train.init_from == "resume":
             meta = checkpoint.read_meta(manager, manager.latest_step())
             checkpoint.check_layouts(meta, cfg, f"{out} step {meta['step']}", with_opt_state=True)
-            if "corpus" in meta and meta["corpus"] != data.corpus_identity(corpus):
+            if "corpus" in meta and meta["corpus"] != data.identity(corpora):
                 raise ConfigError(f"{out} was trained on the corpus {meta['corpus']}, but dataset={cfg.data.dataset} "
-                                  f"is {data.corpus_identity(corpus)}: resume with the same corpus, or start a new run")
+                                  f"is {data.identity(corpora)}: resume with the same corpus, or start a new run")
             step, params, opt_state, _ = checkpoint.restore(manager, None, abstract.params, abstract.opt_state)
             state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), params, opt_state)
             log.say(f"resumed from {manager.directory}/{step}")
@@ -205,8 +215,9 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
                 params = jax.device_put(from_hf(cfg.train.init_from, cfg.model.scan_layers)[1], shardings.params)
                 state = TrainState(state.step, params, jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
                 log.say(f"initialised from the GPT-2 weights in {cfg.train.init_from}")
-        run = Run(cfg, mesh, model, tx, shardings, manager, data.Batches(cfg, dataset_dir, mesh), log,
-                  {"config": cfg.to_dict(), "tokenizer": corpus, "corpus": data.corpus_identity(corpus),
+        run = Run(cfg, mesh, model, tx, shardings, manager, data.Batches(cfg, corpora, mesh), log,
+                  {"config": cfg.to_dict(), "tokenizer": {"tokenizer": cfg.data.tokenizer, "vocab_size": vocab_size},
+                   "corpus": data.identity(corpora),
                    **checkpoint.layouts(cfg)})
         return run.loop(state, command)
 
@@ -387,12 +398,13 @@ class Run:
                     last = {"step": step, **values, "tokens_per_s": tok_s, "mfu": mfu, "skipped_batches": skipped,
                             "data_wait_s": (prefetch.wait_s - waited) / timed_steps,
                             "elapsed_s": time.perf_counter() - self.started, "train_s": train_s,
-                            "peak_memory_bytes": metrics.peak_memory()}
+                            "peak_memory_bytes": metrics.peak_memory(), **self.batches.position(step + 1)}
                     log.row(**last)
                     eta = (t.max_iters - step - 1) * cfg.tokens_per_step / tok_s
                     log.say(f"step {step:>6} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                             f"grad {values['grad_norm']:.2f} | {tok_s:,.0f} tok/s | "
-                            f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {_fmt_time(eta)}")
+                            f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | epoch {_fmt_epochs(last['epoch'])} | "
+                            f"eta {_fmt_time(eta)}")
                     timer, timed_steps, waited = time.perf_counter(), 0, prefetch.wait_s
 
             final = {"step": t.max_iters, **self.evaluate(state.params), "elapsed_s": time.perf_counter() - self.started,

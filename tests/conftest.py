@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from gpt.config import Config, load_config  # noqa: E402
-from gpt.data import prepare  # noqa: E402
+from gpt.prepare import prepare  # noqa: E402
 # Test modules import these from tests.helpers; they are named here for the fixtures below.
 from tests.helpers import REPO, TINY, simulated_devices_env  # noqa: E402,F401
 

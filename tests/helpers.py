@@ -107,3 +107,28 @@ def check_cached_decode(cfg: ModelConfig, params, full_logits, vocab: int, steps
                           mask[:, None, None, :], cache, index)
         logits = out[:, -1]
     return prefill_cache
+
+
+def write_corpus(directory: Path, train, val, dtype: str = "uint8", vocab: int = 256, tokenizer: str = "byte",
+                 shard_tokens: int = 0) -> Path:
+    """A prepared corpus written by hand (the layout gpt.prepare writes): given tokens, in shards of shard_tokens
+    (0 = one shard per split), so batch and validation tests control every token."""
+    import json
+
+    import numpy as np
+
+    from gpt.prepare import FORMAT
+
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "tokenizer": tokenizer, "vocab_size": vocab, "dtype": dtype, "source": str(directory),
+            "documents": 1}
+    for split, tokens in (("train", np.asarray(train)), ("val", np.asarray(val))):
+        size = shard_tokens or len(tokens)
+        shards = [tokens[i: i + size] for i in range(0, len(tokens), size)]
+        for i, shard in enumerate(shards):
+            shard.astype(dtype).tofile(directory / f"{split}-{i:05d}.bin")
+        meta[f"{split}_shards"] = [[f"{split}-{i:05d}.bin", len(s)] for i, s in enumerate(shards)]
+        meta[f"{split}_tokens"] = len(tokens)
+    meta["max_token"] = int(max(np.max(train), np.max(val)))
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory

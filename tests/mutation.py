@@ -47,9 +47,10 @@ TARGETS = {
                     "tests/test_run.py::test_checkpoints_of_another_layout_or_corpus_are_refused_in_one_line"),
     "sampling_filters": Target("gpt/sampling.py", frozenset({"filter_logits", "sample_logits", "sample"}),
                                "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is or leading'"),
-    "batch_source": Target("gpt/data.py", frozenset({"batch_offsets", "get_batch", "_load", "train", "eval",
+    "batch_source": Target("gpt/data.py", frozenset({"get_batch", "_load", "train", "eval", "offsets", "_perm",
+                                                     "locate", "_block", "mix_counts", "consumed", "__getitem__",
                                                      "_produce", "get", "close"}),
-                           "tests/test_tokenizer_data.py tests/test_train.py"),
+                           "tests/test_tokenizer_data.py tests/test_batches.py tests/test_train.py"),
     "loss_and_step": Target("gpt/steps.py", frozenset({"loss_fn", "chunked_cross_entropy", "chunk_loss",
                                                        "make_train_step", "train_step", "micro_step"}),
                             "tests/test_train.py tests/test_optim.py tests/test_remat_attention.py "

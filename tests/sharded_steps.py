@@ -19,7 +19,7 @@ import numpy as np
 
 from gpt import sharding
 from gpt.config import load_config
-from gpt.data import Batches
+from gpt.data import Batches, load_corpora
 from gpt.steps import build, jit_train_step
 from tests.helpers import TINY_TRAIN, flags, tiny_model_flags
 
@@ -36,7 +36,7 @@ def run_steps(data_dir: str, mesh_sizes: tuple[int, int, int]):
         model, tx, abstract, shardings, init = build(cfg, mesh)
         state = init(jax.random.key(0))
         step = jit_train_step(model, tx, cfg, shardings)
-        batches = Batches(cfg, f"{data_dir}/shakespeare-byte", mesh)
+        batches = Batches(cfg, load_corpora(cfg.data, cfg.model.block_size, quiet=True), mesh)
         losses = []
         for s in range(N_STEPS):
             state, metrics = step(state, batches.train(s))

@@ -64,7 +64,7 @@ def test_help_lists_every_key_with_default(cli, script, args):
     (["--learning_rate=fast"], "learning_rate='fast' is not a valid float"),
     (["--n_embd=30", "--n_head=4"], "n_embd=30 is not divisible by n_head=4"),
     (["--dtype=float16"], "dtype='float16': use auto, float32 or bfloat16"),
-    (["--wandb_log=True"], "metrics are written to out_dir/metrics.jsonl"),
+    (["--wandb_log=True"], "use --log_to=wandb"),
     (["--init_from=resume"], "no checkpoint to resume"),
     (["--eval_only=True"], "no checkpoint to resume"),
 ])

@@ -29,6 +29,9 @@ TRAIN_BOUNDS = {
     "attention": (["auto", "xla", "cudnn"], ["flash"]),
     "tokenizer": (["byte", "gpt2"], ["bpe"]),
     "loss_chunk": (["0", "64", "128"], ["-1", "48", "256"]),  # a divisor of block_size (128)
+    "on_bad_record": (["error", "skip"], ["ignore"]),
+    "num_proc": (["0", "1"], ["-1"]),
+    "shard_mb": (["0.001"], ["0", "-1"]),
 }
 SAMPLE_BOUNDS = {
     "num_samples": ([1], [0]),
@@ -157,3 +160,19 @@ def test_a_missing_base_deep_in_a_chain_names_the_file_that_asked_for_it(tmp_pat
 
 def test_the_defaults_validate():
     assert load_config([]).to_dict()["n_layer"] == ModelConfig().n_layer
+
+
+def test_a_preset_writes_a_mixture_as_a_table_and_lists_as_arrays(tmp_path):
+    (tmp_path / "mix.toml").write_text('log_to = ["jsonl", "tensorboard"]\n'
+                                       '[dataset]\n"data/web" = 0.7\ncode = 0.3\n')
+    cfg = load_config([str(tmp_path / "mix.toml")])
+    assert cfg.data.dataset == "data/web:0.7,code:0.3"  # what --dataset would say
+    assert cfg.train.log_to == "jsonl,tensorboard"
+    (tmp_path / "sources.toml").write_text('dataset = ["a.jsonl", "b/*.parquet"]\n')
+    assert load_config([str(tmp_path / "sources.toml")]).data.dataset == "a.jsonl+b/*.parquet"
+    (tmp_path / "bad.toml").write_text('n_layer = [1, 2]\n')
+    with pytest.raises(ConfigError, match="n_layer=.* is not a valid int"):
+        load_config([str(tmp_path / "bad.toml")])
+    (tmp_path / "bad2.toml").write_text('[dataset]\nweb = "a lot"\n')
+    with pytest.raises(ConfigError, match="dataset=.* is not a valid str"):
+        load_config([str(tmp_path / "bad2.toml")])

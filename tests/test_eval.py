@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt import data, trainer
+from gpt import data, prepare, trainer
 from gpt.checkpoint import load_params
 from gpt.config import Config, MeshConfig
 from gpt.eval import evaluate, main
@@ -53,7 +53,7 @@ def gpt2_run(tmp_path_factory):
 
 def val_split(out_dir: str) -> np.ndarray:
     cfg = Config.from_dict(json.load(open(f"{out_dir}/config.json")))
-    return data.load_split(data.dataset_dir(cfg.data), "val")
+    return data.Tokens.of(prepare.prepare(cfg.data, quiet=True), "val")[:]
 
 
 def reference_windows(out_dir: str, tokens: np.ndarray, step: int = -1) -> np.ndarray:

@@ -95,7 +95,7 @@ def peak_rss():  # VmHWM: this process's own high-water mark (getrusage's ru_max
 
 cfg = cli.preflight(sys.argv[1:])
 mesh = sharding.make_mesh(cfg.mesh)
-batches = data.Batches(cfg, data.prepare(cfg.data, quiet=True), mesh)
+batches = data.Batches(cfg, data.load_corpora(cfg.data, cfg.model.block_size, quiet=True), mesh)
 baseline = peak_rss()
 predicted = plan.compiled_plan(cfg, mesh)["bytes_per_device"]["peak"]
 with sharding.activate(mesh):
@@ -113,7 +113,7 @@ def test_predicted_peak_is_within_a_quarter_of_the_measured_rss(shape, tmp_path,
     """Two shapes of more than 1 GB of state (parameters and AdamW moments): one train step, as the trainer
     compiles it, measured by the process's peak RSS less its RSS before the first compile."""
     from gpt.config import DataConfig
-    from gpt.data import prepare
+    from gpt.prepare import prepare
 
     prepare(DataConfig(tokenizer="gpt2", data_dir=str(data_dir)), quiet=True)  # not in the measured process
     argv = [*shape, "--block_size=128", "--batch_size=8", "--max_iters=1", "--eval_iters=1", "--tokenizer=gpt2",

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, TINY
+from tests.helpers import REPO, TINY, write_corpus
 
 # Checkpoint every step so that saves are nearly always in flight. The schedule (warmup, decay) is set
 # outright, so a run given another max_iters trains its first 30 steps exactly as this one does.
@@ -183,25 +183,25 @@ def test_divergence_stops_with_the_step_named(cli, data_dir, tmp_path):
     assert rows(tmp_path / "skip")[-2]["skipped_batches"] > 0
 
 
-def write_corpus(directory, tokens, dtype="uint8", vocab=256, tokenizer="byte"):
-    directory.mkdir(parents=True)
-    np.asarray(tokens[:-100], dtype).tofile(directory / "train.bin")
-    np.asarray(tokens[-100:], dtype).tofile(directory / "val.bin")
-    (directory / "meta.json").write_text(json.dumps({"tokenizer": tokenizer, "vocab_size": vocab, "dtype": dtype,
-                                                    "train_tokens": len(tokens) - 100, "val_tokens": 100}))
-
-
 @pytest.mark.slow
 def test_bad_data_files_are_refused(cli, tmp_path):
+    from gpt.config import DataConfig
+    from gpt.prepare import corpus_dir
+    from gpt.sources import parse_dataset
+
     data = tmp_path / "data"
-    (tmp_path / "c1.txt").write_text("x")  # names the prepared directories c1-byte, c2-byte, ...
-    write_corpus(data / "c1-byte", np.arange(1000) % 300, dtype="uint16")  # ids beyond the byte vocabulary
-    write_corpus(data / "c2-byte", np.arange(1000) % 200)
-    (data / "c2-byte" / "train.bin").write_bytes(b"\x01" * 17)  # truncated
-    write_corpus(data / "c3-byte", np.arange(1000) % 200, tokenizer="gpt2", vocab=50257, dtype="uint16")
-    write_corpus(data / "c4-byte", np.arange(130) % 200)  # val split of 100 tokens < block_size 128
+
+    def corpus(name, tokens, **kw):  # hand-written into the directory --dataset=NAME.txt is prepared into
+        (tmp_path / f"{name}.txt").write_text("x")
+        d = DataConfig(dataset=str(tmp_path / f"{name}.txt"), data_dir=str(data))
+        return write_corpus(corpus_dir(d, parse_dataset(d.dataset)[0]), tokens[:-200], tokens[-200:], **kw)
+
+    corpus("c1", np.arange(1000) % 300, dtype="uint16")  # ids beyond the byte vocabulary
+    (corpus("c2", np.arange(1000) % 200) / "train-00000.bin").write_bytes(b"\x01" * 17)  # truncated
+    corpus("c3", np.arange(1000) % 200, tokenizer="gpt2", vocab=50257, dtype="uint16")
+    corpus("c4", np.arange(300) % 200)  # a train split of 100 tokens < block_size 128
     cases = {"c1": "holds token id 299, outside the byte vocabulary of 256",
-             "c2": "not the 900 uint8 tokens its meta.json describes",
+             "c2": "not the 800 uint8 tokens its meta.json describes",
              "c3": "was tokenized with gpt2, but tokenizer=byte",
              "c4": "block_size=128 is not smaller than the train split"}
     for name, message in cases.items():

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from gpt import data
+from gpt import data, prepare
 from gpt.config import ConfigError, DataConfig, load_config
 from gpt.tokenizer import get_tokenizer
+from tests.helpers import write_corpus
 
 
 def test_gpt2_known_ids_offline():
@@ -28,11 +29,12 @@ def test_byte_tokenizer_round_trips_any_utf8(text):
 
 
 def test_builtin_corpus_is_real_english_and_large(data_dir):
-    directory = data_dir / "shakespeare-byte"
+    directory = prepare.prepare(DataConfig(data_dir=str(data_dir)), quiet=True)
     meta = json.loads((directory / "meta.json").read_text())
-    assert meta["tokenizer"] == "byte" and meta["dtype"] == "uint8"
+    assert meta["tokenizer"] == "byte" and meta["dtype"] == "uint8" and meta["format"] == prepare.FORMAT
     assert meta["train_tokens"] + meta["val_tokens"] > 1_000_000
-    text = bytes(data.load_split(directory, "train")[:200_000]).decode("utf-8", errors="replace")
+    assert meta["documents"] == 38 and meta["val_documents"] == 3 and meta["split"] == "every 10th document"
+    text = bytes(data.Tokens.of(directory, "train")[:200_000].astype(np.uint8)).decode("utf-8", errors="replace")
     assert text.count(" the ") > 500 and "THESEUS:\n" in text  # English prose with speaker lines
     assert "\n\n\n" not in text
     assert "**" not in text  # Markdown markup stripped
@@ -42,41 +44,20 @@ def test_prepare_text_directory_and_errors(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("hello world " * 100)
     cfg = DataConfig(dataset=str(tmp_path / "src"), tokenizer="gpt2", data_dir=str(tmp_path / "data"))
-    out = data.prepare(cfg, quiet=True)
-    meta = data.load_meta(out)
+    out = prepare.prepare(cfg, quiet=True)
+    meta = prepare.load_meta(out)
     assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16"
-    tokens = np.concatenate([data.load_split(out, "train"), data.load_split(out, "val")])
+    assert meta["split"].startswith("the last 10% of the tokens")  # one document: no whole one to spare
+    tokens = np.concatenate([data.Tokens.of(out, "train")[:], data.Tokens.of(out, "val")[:]])
     assert tokens[-1] == 50256 and get_tokenizer("gpt2").decode(tokens[:2]) == "hello world"
+    assert len(tokens) == 202 and meta["val_tokens"] == 20  # 200 words, the trailing space, <|endoftext|>; 10% to val
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]  # no temp dir left
     with pytest.raises(ConfigError, match="not a built-in corpus"):
-        data.prepare(DataConfig(dataset=str(tmp_path / "missing"), data_dir=str(tmp_path / "data")))
+        prepare.prepare(DataConfig(dataset=str(tmp_path / "missing"), data_dir=str(tmp_path / "data")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.txt").write_text("  \n")
     with pytest.raises(ConfigError, match="empty"):
-        data.prepare(DataConfig(dataset=str(tmp_path / "empty"), data_dir=str(tmp_path / "data")))
-
-
-def test_batches_are_a_pure_function_of_seed_stream_and_step(data_dir):
-    tokens = data.load_split(data_dir / "shakespeare-byte", "train")
-    a = data.batch_offsets(1, "train", 5, (2, 8), len(tokens), 32)
-    assert np.array_equal(a, data.batch_offsets(1, "train", 5, (2, 8), len(tokens), 32))
-    assert not np.array_equal(a, data.batch_offsets(1, "train", 6, (2, 8), len(tokens), 32))
-    assert not np.array_equal(a, data.batch_offsets(1, "eval_train", 5, (2, 8), len(tokens), 32))
-    x, y = data.get_batch(tokens, a, 32)
-    assert x.shape == y.shape == (2, 8, 32) and x.dtype == np.int32
-    np.testing.assert_array_equal(x[..., 1:], y[..., :-1])  # targets are inputs shifted by one
-    np.testing.assert_array_equal(x[0, 3], tokens[a[0, 3]: a[0, 3] + 32])
-
-
-def test_offsets_cover_exactly_the_windows_that_fit():
-    # A window is block_size + 1 tokens (inputs and the next-token targets): in 10 tokens, 8-token windows
-    # start at 0, 1 or 2, and every one of those is drawn.
-    draws = data.batch_offsets(0, "train", 0, (2000,), n_tokens=10, block_size=7)
-    assert set(draws.tolist()) == {0, 1, 2}
-    assert data.batch_offsets(0, "train", 0, (5,), n_tokens=8, block_size=7).tolist() == [0] * 5
-    for n_tokens in (7, 5):
-        with pytest.raises(ConfigError, match=f"block_size=7 needs more than 7 tokens, but the split holds {n_tokens}"):
-            data.batch_offsets(0, "train", 0, (1,), n_tokens=n_tokens, block_size=7)
+        prepare.prepare(DataConfig(dataset=str(tmp_path / "empty"), data_dir=str(tmp_path / "data")))
 
 
 def test_windows_are_slices_of_the_tokens():
@@ -90,34 +71,29 @@ def test_windows_are_slices_of_the_tokens():
 
 def test_batches_read_their_split_into_the_batch_sharding(tmp_path):
     """train() and eval("train") read the train split, eval("val") the val split (told apart by their
-    token values), at the offsets batch_offsets gives, laid out as sharding.batch_sharding says."""
-    import json
-
+    token values), whole windows at multiples of block_size, laid out as sharding.batch_sharding says; the
+    shards of a split read as one sequence."""
     import jax
 
     from gpt import sharding
 
-    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
-    np.arange(0, 1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    np.arange(5000, 5600, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    write_corpus(tmp_path, np.arange(0, 1001), np.arange(5000, 5601), dtype="uint16", vocab=50257, shard_tokens=97)
     cfg = load_config(["--block_size=8", "--batch_size=4", "--gradient_accumulation_steps=3", "--seed=5"])
     mesh = sharding.make_mesh(cfg.mesh)
-    batches = data.Batches(cfg, tmp_path, mesh)
+    batches = data.Batches(cfg, [data.Corpus("c", tmp_path, 1.0, prepare.load_meta(tmp_path))], mesh)
     x, y = batches.train(7)
     assert x.shape == y.shape == (3, 4, 8) and x.sharding.spec == sharding.batch_sharding(mesh, 1).spec
-    np.testing.assert_array_equal(np.asarray(x)[..., 0], data.batch_offsets(5, "train", 7, (3, 4), 1000, 8))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(x)[..., :1] + np.arange(8))  # across shard boundaries
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) + 1)
-    for split, low, high in (("train", 0, 1000), ("val", 5000, 5600)):
+    assert (np.asarray(x)[..., 0] % 8 == 0).all()
+    for split, low, high in (("train", 0, 1001), ("val", 5000, 5601)):
         ex, ey = batches.eval(split, 2)
         assert ex.shape == (4, 8) and ex.sharding.spec == sharding.batch_sharding(mesh, 0).spec
         assert low <= int(jax.numpy.min(ex)) and int(jax.numpy.max(ey)) < high
-        np.testing.assert_array_equal(np.asarray(ex)[:, 0] - low,
-                                      data.batch_offsets(5, f"eval_{split}", 2, (4,), high - low, 8))
 
 
 def test_a_disk_that_fills_while_preparing_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     import errno
-    import shutil
 
     from gpt import cli
 
@@ -125,9 +101,9 @@ def test_a_disk_that_fills_while_preparing_says_so_and_leaves_nothing(tmp_path, 
     (tmp_path / "corpus" / "a.txt").write_text("To be, or not to be, that is the question. " * 200)
 
     def full_disk(*_):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "val.bin"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "val-00000.bin"))
 
-    monkeypatch.setattr(shutil, "copyfileobj", full_disk)  # the copy of the val split hits the full disk
+    monkeypatch.setattr(prepare, "_move_tail", full_disk)  # the copy of the val split hits the full disk
     code = cli.run_prepare([f"--dataset={tmp_path / 'corpus'}", f"--data_dir={tmp_path / 'data'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: preparing dataset=") and "No space left on device" in err[-1]
@@ -144,7 +120,7 @@ def test_short_of_space_for_a_corpus_is_a_warning(tmp_path, monkeypatch, capsys)
     (tmp_path / "a.txt").write_text("x" * 5000)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-    data.prepare(DataConfig(dataset=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data")), quiet=True)
+    prepare.prepare(DataConfig(dataset=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data")), quiet=True)
     assert "warning:" in capsys.readouterr().err  # 1000 bytes free < 5000 bytes of text as uint8 tokens
 
 

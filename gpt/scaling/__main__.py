@@ -70,7 +70,7 @@ def _collect(argv: list[str]) -> int:
 def run_point(argv: list[str]) -> int:
     """One point: train it as train.py would (config resolved against its out_dir, devices checked), then
     score the whole validation split into eval.json."""
-    from gpt import data, trainer
+    from gpt import prepare, trainer
     from gpt.eval import evaluate
     from gpt.files import write_atomic
 
@@ -83,7 +83,8 @@ def run_point(argv: list[str]) -> int:
         result = evaluate(cfg.train.out_dir, split="val")
     except KeyboardInterrupt:
         return 130
-    result["corpus_train_tokens"] = data.load_meta(data.dataset_dir(cfg.data))["train_tokens"]  # for epochs
+    result["corpus_train_tokens"] = sum(prepare.load_meta(d)["train_tokens"]  # for epochs
+                                        for _, d in prepare.prepare_all(cfg.data, quiet=True))
     write_atomic(Path(cfg.train.out_dir) / "eval.json", json.dumps(result, indent=1) + "\n")  # marks it done
     return 0
 
