@@ -115,7 +115,8 @@ class DataConfig:
     text_field: str = opt("text", "the field (.jsonl/.json) or column (.parquet) that holds each document's text")
     on_bad_record: str = opt("error", "a record that cannot be read (bad JSON, no text field, unreadable file): "
                                       "error (stop, naming file and line) or skip (count and go on)")
-    num_proc: int = opt(0, "tokenizer worker processes when preparing; 0 = one per core")
+    num_proc: int = opt(0, "tokenizer worker processes when preparing; 0 = one per core (one in all for the byte "
+                           "tokenizer, which workers only slow down)")
     shard_mb: float = opt(1000.0, "largest token file written when preparing, in MB; more tokens go to further shards")
     batch_size: int = opt(32, "global sequences per micro-step, over all devices and processes")
 
@@ -456,8 +457,8 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError(f"on_bad_record={d.on_bad_record!r}: use error or skip")
     if d.num_proc < 0:
         raise ConfigError(f"num_proc={d.num_proc}: must be >= 1, or 0 for one per core")
-    if not d.shard_mb > 0:
-        raise ConfigError(f"shard_mb={d.shard_mb}: must be > 0")
+    if not 0 < d.shard_mb < math.inf:
+        raise ConfigError(f"shard_mb={d.shard_mb}: must be a number > 0")
 
 
 def auto_warmup(max_iters: int) -> int:

@@ -4,9 +4,10 @@ Every batch is a pure function of (seed, stream, step), so a resumed run, or a r
 count, sees exactly the batches the uninterrupted single-device run would have seen, with no data state to
 checkpoint beyond the step. Each process reads only the rows its devices hold.
 
-Epochs: a split of N tokens holds W = (N - 1) // block_size windows of block_size + 1 tokens (inputs and their
-next-token targets) that do not overlap. Sample i of a stream is window perm_e[i mod W] of epoch e = i // W,
-perm_e a permutation drawn from (seed, stream, source, e): an epoch sees every window once.
+Epochs: a split of N tokens holds W = (N - 1) // block_size windows, window w being tokens [w * block_size,
+(w + 1) * block_size] (inputs and their next-token targets: each window's last target is the next one's first
+input, so every token is a target once per epoch). Sample i of a stream is window perm_e(i mod W) of epoch
+e = i // W, perm_e a permutation keyed by (seed, stream, corpus, e): an epoch sees every window once.
 
 Mixtures: samples are dealt to the corpora in blocks of MIX_BLOCK, each block holding a fixed count of every
 corpus (its weight x MIX_BLOCK, rounded by largest remainders) in an order drawn from (seed, stream, block).
@@ -30,6 +31,7 @@ from gpt.prepare import load_meta
 
 # Independent batch streams: training, and the fixed batches evaluation estimates each split's loss on.
 STREAMS = {"train": 0, "eval_train": 1, "eval_val": 2}
+_WINDOWS, _MIXTURE = 0, 1  # tags that keep the window orders' random keys apart from the mixture blocks'
 MIX_BLOCK = 2048
 
 
@@ -70,23 +72,45 @@ def get_batch(tokens, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray,
     return window[..., :-1], window[..., 1:]
 
 
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A 64-bit hash of each x under key (splitmix64's finaliser), wrapping as uint64 arithmetic does."""
+    z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 class Windows:
-    """The windows of one split of one corpus for one stream, walked one permutation per epoch."""
+    """The windows of one split of one corpus for one stream, walked in a new order each epoch.
+
+    The order is a keyed permutation computed per index, not stored: a 4-round Feistel network on [0, 4^h) (a
+    bijection whatever its round function), walked again from any value that lands at or beyond n until it
+    lands inside (cycle walking: a bijection on [0, n), fewer than 4 rounds of walking on average since
+    4^h < 4n). So a corpus of a billion windows costs no memory and no pause at an epoch's start."""
 
     def __init__(self, n_tokens: int, block_size: int, seed: int, stream: str, corpus: int):
         self.n = (n_tokens - 1) // block_size
         if self.n < 1:
             raise ConfigError(f"block_size={block_size} needs more than {block_size} tokens, but the split holds "
                               f"{n_tokens}")
-        self.block, self.key = block_size, (seed, STREAMS[stream], corpus)
-        self._perms: dict[int, np.ndarray] = {}
+        self.block, self.key = block_size, (seed, STREAMS[stream], _WINDOWS, corpus)
+        self.half_bits = np.uint64(max(1, -(-int(self.n - 1).bit_length() // 2)))
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a batch spans at most the end of one epoch and the start of the next
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([*self.key, epoch]).permutation(self.n)
-        return self._perms[epoch]
+    def permute(self, epoch: int, position: np.ndarray) -> np.ndarray:
+        """Window of each position (in [0, n)) of the epoch: a bijection of [0, n) for each epoch."""
+        keys = np.random.SeedSequence([*self.key, epoch]).generate_state(4, np.uint64)
+        mask = (np.uint64(1) << self.half_bits) - np.uint64(1)
+
+        def feistel(x):
+            left, right = x >> self.half_bits, x & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right, key) & mask)
+            return (left << self.half_bits) | right
+
+        y = feistel(np.asarray(position, np.uint64))
+        while (outside := y >= np.uint64(self.n)).any():
+            y[outside] = feistel(y[outside])
+        return y.astype(np.int64)
 
     def offsets(self, sample: np.ndarray) -> np.ndarray:
         """Start offsets of the given samples (any shape) of this stream."""
@@ -94,7 +118,7 @@ class Windows:
         out = np.empty(sample.shape, np.int64)
         for e in np.unique(epoch):
             at = epoch == e
-            out[at] = self._perm(int(e))[position[at]] * self.block
+            out[at] = self.permute(int(e), position[at]) * self.block
         return out
 
 
@@ -114,21 +138,25 @@ class Mixture:
 
     def __init__(self, weights: list[float], seed: int, stream: str):
         self.counts = mix_counts(weights)
-        self.key = (seed, STREAMS[stream])
+        self.key = (seed, STREAMS[stream], _MIXTURE)
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()  # the prefetch thread draws batches while the loop logs the position
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(corpus of each position of block b, how many earlier positions of the block hold that corpus)."""
-        if b not in self._blocks:
-            if len(self._blocks) >= 2:
+        with self._lock:
+            if b in self._blocks:
+                return self._blocks[b]
+        labels = np.random.default_rng([*self.key, b]).permutation(np.repeat(np.arange(len(self.counts)),
+                                                                             self.counts))
+        rank = np.empty(MIX_BLOCK, np.int64)
+        for k in range(len(self.counts)):
+            rank[labels == k] = np.arange(self.counts[k])
+        with self._lock:
+            if len(self._blocks) >= 2:  # the blocks of one batch; a batch rarely spans more than two
                 self._blocks.pop(min(self._blocks))
-            labels = np.random.default_rng([*self.key, b, 1]).permutation(np.repeat(np.arange(len(self.counts)),
-                                                                                       self.counts))
-            rank = np.empty(MIX_BLOCK, np.int64)
-            for k in range(len(self.counts)):
-                rank[labels == k] = np.arange(self.counts[k])
             self._blocks[b] = labels, rank
-        return self._blocks[b]
+        return labels, rank
 
     def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(corpus, that corpus's sample number) of each sample index (any shape)."""
@@ -148,7 +176,8 @@ class Mixture:
         if len(self.counts) == 1:
             return np.array([n])
         block, position = divmod(n, MIX_BLOCK)
-        return block * self.counts + np.bincount(self._block(block)[0][:position], minlength=len(self.counts))
+        partial = np.bincount(self._block(block)[0][:position], minlength=len(self.counts)) if position else 0
+        return block * self.counts + partial
 
 
 @dataclass(frozen=True)

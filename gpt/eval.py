@@ -120,7 +120,9 @@ def split_tokens(run: Config, corpus: list | None, split: str):
                               f"--data_dir={run.data.data_dir} (a relative data_dir is read from the current directory)")
         meta = prepare.validate(directory, run.data.tokenizer, run.model.block_size)
         corpora.append(data.Corpus(component.spec, directory, component.weight, meta))
-    if corpus is not None and data.identity(corpora) != corpus:
+    # (A checkpoint from before corpus format 2 recorded one dict, of a corpus no longer prepared: its split is
+    # scored as the corpus is prepared now, the tokenizer being checked above.)
+    if isinstance(corpus, list) and data.identity(corpora) != corpus:
         raise ConfigError(f"the prepared corpus {data.identity(corpora)} is not the {corpus} the checkpoint was "
                           "trained on: prepare the run's corpus again")
     return data.Tokens([shard for c in corpora for shard in data.Tokens.of(c.directory, split).shards])

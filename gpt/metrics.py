@@ -148,12 +148,20 @@ class Logger:
         if self.main:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            for tracker in self.trackers:
-                tracker.log(row)
+            for tracker in list(self.trackers):
+                try:
+                    tracker.log(row)
+                except Exception as e:  # a tracker's hiccup (a full disk, its service) must not stop training
+                    self.trackers.remove(tracker)
+                    self.say(f"warning: {type(tracker).__name__} stopped logging ({type(e).__name__}: {e}); "
+                             "metrics.jsonl goes on")
 
     def close(self) -> None:
         for tracker in self.trackers:
-            tracker.close()
+            try:
+                tracker.close()
+            except Exception as e:
+                self.say(f"warning: closing {type(tracker).__name__} failed ({type(e).__name__}: {e})")
 
     def say(self, text: str) -> None:
         if self.main:

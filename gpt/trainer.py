@@ -174,14 +174,17 @@ def train(cfg: Config, command: list[str] | None = None) -> dict:
                                                           cfg.to_dict()))
         return _train(cfg, command or sys.argv, out, log)
     finally:
-        log.close()
-        if lock:
-            lock.release()
+        try:
+            log.close()
+        finally:
+            if lock:
+                lock.release()
 
 
 def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> dict:
     if cfg.train.init_from != "resume" and cfg.train.overwrite and jax.process_index() == 0:
-        for old in (checkpoint.checkpoint_dir(cfg.train.out_dir), out / "metrics.jsonl"):
+        for old in (checkpoint.checkpoint_dir(cfg.train.out_dir), out / "metrics.jsonl", out / "tensorboard",
+                    out / "wandb"):
             if old.exists():
                 log.say(f"overwrite=True: removing {old}")
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -199,6 +202,9 @@ def _train(cfg: Config, command: list[str], out: Path, log: metrics.Logger) -> d
         if cfg.train.init_from == "resume":
             meta = checkpoint.read_meta(manager, manager.latest_step())
             checkpoint.check_layouts(meta, cfg, f"{out} step {meta['step']}", with_opt_state=True)
+            if isinstance(meta.get("corpus"), dict):  # written before corpus format 2: its batches cannot be repeated
+                raise ConfigError(f"{out} was trained on a corpus prepared before format 2 (another validation split and "
+                                  "data order): start a new run from its weights with --init_from=RUN_DIR instead")
             if "corpus" in meta and meta["corpus"] != data.identity(corpora):
                 raise ConfigError(f"{out} was trained on the corpus {meta['corpus']}, but dataset={cfg.data.dataset} "
                                   f"is {data.identity(corpora)}: resume with the same corpus, or start a new run")

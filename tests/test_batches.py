@@ -47,6 +47,21 @@ def test_a_mixture_draws_each_corpus_in_its_weight_and_walks_its_samples_in_orde
     np.testing.assert_array_equal(part[1], sample[5000:5100])
 
 
+def test_an_epoch_order_is_a_permutation_at_every_size():
+    """The keyed Feistel order with cycle walking: a bijection of [0, n) for sizes at and around powers of 4."""
+    for n in (1, 2, 3, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 4097):
+        windows = data.Windows(n * 8 + 1, 8, seed=0, stream="train", corpus=2)
+        assert windows.n == n
+        for epoch in (0, 7):
+            assert sorted(windows.permute(epoch, np.arange(n)).tolist()) == list(range(n)), (n, epoch)
+
+
+def test_mix_counts_round_by_largest_remainders():
+    np.testing.assert_array_equal(data.mix_counts([0.7, 0.3]), [1434, 614])  # 1433.6 and 614.4
+    np.testing.assert_array_equal(data.mix_counts([1, 1, 1]), [683, 683, 682])  # a tie goes to the first
+    np.testing.assert_array_equal(data.mix_counts([2, 1, 1]), [1024, 512, 512])
+
+
 def test_a_weight_too_small_to_draw_is_refused():
     with pytest.raises(ConfigError, match="would never be drawn"):
         data.mix_counts([1.0, 1e-5])

@@ -99,7 +99,7 @@ def test_a_large_txt_file_is_read_in_pieces_that_tokenize_as_the_whole(tmp_path,
     assert sum((tok.encode(piece) for piece, _ in read), []) == tok.encode(whole)
 
 
-def test_bad_records_are_named_by_file_and_line_or_counted_and_skipped(tmp_path, capsys):
+def test_bad_records_are_named_by_file_and_line_or_counted_and_skipped(tmp_path, capsys, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     good = [json.dumps({"text": f"document {i} " * 20}) for i in range(10)]
@@ -120,19 +120,69 @@ def test_bad_records_are_named_by_file_and_line_or_counted_and_skipped(tmp_path,
     meta = prepare.load_meta(captured.out.strip())
     assert meta["bad_records"] == 2 and meta["documents"] == 20
     assert "line 6 is not valid JSON" in meta["first_bad_record"]
+    # A .txt that breaks off part-way (a truncated .gz): its document ends with what was read, then the next file's.
+    whole = gzip.compress(("first file " * 50_000).encode())
+    (src / "c.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (src / "d.txt").write_text("second file")
+    monkeypatch.setattr(sources, "PIECE_CHARS", 1000)  # pieces of c.txt.gz are read before it breaks off
+    d = DataConfig(dataset=f"{src / 'c.txt.gz'}+{src / 'd.txt'}", data_dir=str(tmp_path / "data"),
+                   on_bad_record="skip", num_proc=1)
+    out = prepare.prepare(d, quiet=True)
+    meta = prepare.load_meta(out)
+    assert meta["bad_records"] == 1 and "c.txt.gz: cannot be read" in meta["first_bad_record"]
+    text = bytes(np.concatenate([data.Tokens.of(out, s)[:] for s in ("train", "val")]).astype(np.uint8)).decode()
+    assert meta["documents"] == 2 and text.startswith("first file " * 1000) and len(text) > 200_000
+    assert text.endswith("\n\nsecond file\n\n")
     # The field can be named: b.jsonl's first record holds its text under "body".
     d = DataConfig(dataset=str(src / "b.jsonl"), data_dir=str(tmp_path / "data"), text_field="body",
                    on_bad_record="skip", num_proc=1)
     assert prepare.load_meta(prepare.prepare(d, quiet=True))["bad_records"] == 10
 
 
+def test_a_txt_without_a_line_break_is_still_read_in_bounded_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_CHARS", 100)
+    monkeypatch.setattr(sources, "PIECE_LIMIT", 800)
+    text = "a" * 2000 + " word" * 300 + " " + "b" * 3000  # no line break; spaces only in the middle
+    (tmp_path / "one.txt").write_text(text)
+    read = [piece for piece, _ in sources.documents(sources.parse_dataset(str(tmp_path / "one.txt"))[0], "text")]
+    assert "".join(read) == text and max(map(len, read)) <= 800 + 100
+    tok = get_tokenizer("gpt2")
+    # Exact where a space gave a place to cut; only the cuts forced inside the long runs may change tokens.
+    middle = [p for p in read if " word" in p]
+    assert sum((tok.encode(p) for p in middle), []) == tok.encode("".join(middle))
+
+
+def test_a_val_split_cut_from_the_tail_spans_shards(tmp_path):
+    """Fewer than 10 documents: the last 10% of the tokens move to val, across several train shards."""
+    (tmp_path / "a.txt").write_text("0123456789" * 300)
+    d = DataConfig(dataset=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data"), shard_mb=0.0007)  # 700 bytes
+    out = prepare.prepare(d, quiet=True)
+    meta = prepare.load_meta(out)
+    tokens = np.concatenate([data.Tokens.of(out, "train")[:], data.Tokens.of(out, "val")[:]])
+    assert bytes(tokens.astype(np.uint8)) == b"0123456789" * 300 + b"\n\n"
+    assert meta["val_tokens"] == 300 and meta["train_tokens"] == 2702 and len(meta["val_shards"]) == 1
+    assert [n for _, n in meta["train_shards"]] == [700, 700, 700, 602]
+    assert sorted(p.name for p in out.glob("*.bin")) == [f"train-0000{i}.bin" for i in range(4)] + ["val-00000.bin"]
+
+
+def test_a_prepared_directory_can_be_the_dataset(tmp_path, data_dir):
+    """A copied data_dir trains without its raw files: dataset may name the prepared directory itself."""
+    directory = prepare.prepare(DataConfig(data_dir=str(data_dir)), quiet=True)
+    d = DataConfig(dataset=str(directory), data_dir=str(tmp_path / "elsewhere"))
+    assert prepare.prepare(d, quiet=True) == directory and not (tmp_path / "elsewhere").exists()
+    (corpus,) = data.load_corpora(d, block_size=64, quiet=True)
+    assert corpus.meta["documents"] == 38
+
+
 def test_unreadable_files_and_bad_specs_are_one_line(tmp_path):
     (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "broken.jsonl.zst").write_bytes(b"not zstd at all")
     (tmp_path / "notes.csv").write_text("a,b\n")
     (tmp_path / "t.parquet").write_bytes(b"PAR1 but not really")
     d = lambda spec, **kw: DataConfig(dataset=spec, data_dir=str(tmp_path / "data"), num_proc=1, **kw)
     cases = [(str(tmp_path / "broken.jsonl.gz"), f"{tmp_path / 'broken.jsonl.gz'}: cannot be read"),
              (str(tmp_path / "t.parquet"), f"{tmp_path / 't.parquet'}: cannot be read"),
+             (str(tmp_path / "broken.jsonl.zst"), f"{tmp_path / 'broken.jsonl.zst'}: cannot be read"),
              (str(tmp_path / "notes.csv"), "unsupported file type"),
              (str(tmp_path / "nothing*.jsonl"), "holds no .txt, .jsonl"),
              ("a:0.5,", "an empty component"),
