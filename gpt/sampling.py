@@ -5,7 +5,7 @@ Prompts of different lengths share a batch: they are left-padded to a bucket len
 new prompt length rarely recompiles), pad slots are masked out of attention, and each row's positions start
 at 0 at its first real token. Every row then writes its n-th new token to the same cache slot.
 
-The rules apply in the order users expect: temperature, then top-k, then top-p; temperature 0 is greedy.
+What is done to the logits, and in which order, is gpt/logits.py's; beam search is gpt/beam.py's.
 """
 
 from __future__ import annotations
@@ -18,36 +18,10 @@ import numpy as np
 
 from gpt import checkpoint, sharding
 from gpt.config import ConfigError, MeshConfig, ModelConfig
+from gpt.beam import beam_search
 from gpt.hf import from_hf
+from gpt.logits import Rules, process, sample_logits
 from gpt.model import GPT, init_cache
-
-
-def filter_logits(logits, temperature, top_k, top_p):
-    """Scale by temperature, then mask (to -inf) all but the top_k (0 = all), then all outside the nucleus:
-    the smallest set of most likely tokens whose probability reaches top_p."""
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
-    ranked = jnp.sort(logits, axis=-1)[..., ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)  # the top-k cut, in rank order
-    probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
-    # top_p = 1 keeps all k: in float32 the tail's `before` can round up to 1.0 and would be dropped.
-    n_keep = jnp.where(top_p >= 1.0, k, jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1))
-    threshold = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)  # n_keep <= k: this applies both cuts
-    return jnp.where(logits < threshold, -jnp.inf, logits)
-
-
-def sample_logits(logits, key, temperature, top_k, top_p):
-    """Next tokens [B] from logits [B, V]. The branches (lax.cond) skip the vocabulary sort when neither
-    top-k nor top-p is asked for, and all sampling when decoding greedily."""
-
-    def sample(logits):
-        filtered = jax.lax.cond((top_k > 0) | (top_p < 1), lambda l: filter_logits(l, temperature, top_k, top_p),
-                                lambda l: l / jnp.maximum(temperature, 1e-6), logits)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(temperature == 0, lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)
 
 
 def bucket(length: int) -> int:
@@ -55,10 +29,12 @@ def bucket(length: int) -> int:
 
 
 @dataclass(frozen=True)
-class Rules:
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
+class Beams:
+    """Beam search settings, with transformers' meanings (gpt/beam.py)."""
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: str = "false"  # "false", "true" or "never"
+    num_return_sequences: int = 1
 
 
 class Generator:
@@ -70,7 +46,8 @@ class Generator:
         self.cfg, self.params, self.eot = cfg, params, eot_token
         self.model = GPT(cfg)
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len")
-        self._decode = jax.jit(self._decode_fn, static_argnames="steps", donate_argnames="carry")
+        self._decode = jax.jit(self._decode_fn, static_argnames=("steps", "ngram"), donate_argnames="carry")
+        self._beams = jax.jit(self._beam_fn, static_argnames=("num_beams", "max_new", "early_stopping", "ngram"))
 
     def _prefill_fn(self, params, tokens, pad, cache_len: int):
         """tokens [B, L] left-padded by pad [B]; returns the logits of the last position and the filled cache."""
@@ -84,31 +61,72 @@ class Generator:
         logits, cache = self.model.apply({"params": params}, tokens, positions, mask[:, None], cache, 0)
         return logits[:, -1], cache
 
-    def _decode_fn(self, params, carry, pad, key, temperature, top_k, top_p, steps: int):
+    def _step(self, params, token_N, position_N, mask, cache, index):
+        """One new token per row through the model and its cache: (logits [N, V], cache)."""
+        logits, cache = self.model.apply({"params": params}, token_N[:, None], position_N[:, None], mask, cache, index)
+        return logits[:, -1], cache
+
+    def _decode_fn(self, params, carry, tokens, pad, key, rules: tuple, steps: int, ngram: int):
         """Sample up to `steps` more tokens, each fed back through the cache. carry = (t, cache, logits, out,
-        done): out [B, max_new] collects the tokens; a row is done at end-of-text (or when the host says)."""
-        t0, cache = carry[0], carry[1]
+        done): out [B, max_new] collects the tokens; a row is done at end-of-text (or when the host says).
+        tokens [B, L]: the left-padded prompts, which the processors read with the new tokens."""
+        t0 = carry[0]
         max_new = carry[3].shape[1]
-        slot = jnp.arange(cache[0][0].shape[2])
-        length = slot.shape[0] - max_new  # the prompt bucket
+        length = tokens.shape[1]  # the prompt bucket
+        slot = jnp.arange(length + max_new)
 
         def body(carry):
             t, cache, logits, out, done = carry
-            token = sample_logits(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)
+            history = jnp.concatenate([tokens, out], axis=1)
+            logits = process(logits, history, pad, length + t, t, rules, ngram, self.eot)
+            token = sample_logits(logits, jax.random.fold_in(key, t), rules)
             token = jnp.where(done, 0, token)
             out = out.at[:, t].set(token)
             if self.eot is not None:
                 done = done | (token == self.eot)
             index = length + t
             mask = (slot[None, :] <= index) & (slot[None, :] >= pad[:, None])
-            logits, cache = self.model.apply({"params": params}, token[:, None], (index - pad)[:, None],
-                                             mask[:, None, None, :], cache, index)
-            return t + 1, cache, logits[:, -1], out, done
+            logits, cache = self._step(params, token, index - pad, mask[:, None, None, :], cache, index)
+            return t + 1, cache, logits, out, done
 
         def cond(carry):
             return (carry[0] < t0 + steps) & (carry[0] < max_new) & ~jnp.all(carry[4])
 
         return jax.lax.while_loop(cond, body, carry)
+
+    def _beam_fn(self, params, cache, logits, tokens, pad, rules: tuple, length_penalty, num_beams: int,
+                 max_new: int, early_stopping: str, ngram: int):
+        step = lambda *args: self._step(params, *args)
+        return beam_search(step, cache, logits, tokens, pad, rules, num_beams=num_beams, max_new=max_new,
+                           length_penalty=length_penalty, early_stopping=early_stopping, ngram=ngram, eot=self.eot,
+                           batch_axis=1 if self.cfg.scan_layers else 0)
+
+    def beam_search(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, beams: Beams,
+                    stop=None) -> list[list[tuple[list[int], float]]]:
+        """For each prompt, its best beams.num_return_sequences hypotheses as (new token ids, score), best first:
+        the ids end with end-of-text where the hypothesis ended there; the score is sum(log p) / length **
+        length_penalty, as transformers' sequences_scores. stop(ids) -> int | None cuts a returned hypothesis
+        at a stop string (the search itself ends hypotheses at end-of-text and the length limit)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt is empty: give at least one token")
+        tokens, pad = self._pad(prompts)
+        if tokens.shape[1] + max_new_tokens > self.cfg.block_size:
+            raise ConfigError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                              f"the model's context of block_size={self.cfg.block_size} tokens")
+        logits, cache = self._prefill(self.params, tokens, pad, cache_len=tokens.shape[1] + max_new_tokens)
+        out, lengths, scores = jax.device_get(self._beams(
+            self.params, cache, logits, tokens, pad, rules.traced(), jnp.float32(beams.length_penalty),
+            num_beams=beams.num_beams, max_new=max_new_tokens, early_stopping=beams.early_stopping,
+            ngram=rules.no_repeat_ngram_size))
+        results = []
+        for b in range(len(prompts)):
+            hypotheses = []
+            for r in range(beams.num_return_sequences):
+                ids = out[b, r, : lengths[b, r]].tolist()
+                cut = stop(ids) if stop else None
+                hypotheses.append((ids if cut is None else ids[:cut], float(scores[b, r])))
+            results.append(hypotheses)
+        return results
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, seed: int,
                  stop=None, on_chunk=None, sliding_window: bool = False) -> list[list[int]]:
@@ -146,19 +164,25 @@ class Generator:
                 on_chunk(news)
         return news
 
-    def _generate(self, prompts, max_new_tokens, rules: Rules, key, stop, on_chunk) -> list[list[int]]:
+    def _pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts left-padded to a bucket length: tokens [B, L] and each row's padding [B]."""
         length = min(bucket(max(len(p) for p in prompts)), self.cfg.block_size)
         tokens = np.zeros((len(prompts), length), np.int32)
         pad = np.array([length - len(p) for p in prompts], np.int32)
         for row, p in enumerate(prompts):
             tokens[row, pad[row]:] = p
+        return tokens, pad
+
+    def _generate(self, prompts, max_new_tokens, rules: Rules, key, stop, on_chunk) -> list[list[int]]:
+        tokens, pad = self._pad(prompts)
+        length = tokens.shape[1]
         logits, cache = self._prefill(self.params, tokens, pad, cache_len=length + max_new_tokens)
         b = len(prompts)
         carry = (jnp.int32(0), cache, logits, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
-        sampling = (jnp.float32(rules.temperature), jnp.int32(rules.top_k), jnp.float32(rules.top_p))
         cut: dict[int, int] = {}
         while True:
-            carry = self._decode(self.params, carry, pad, key, *sampling, steps=self.CHUNK)
+            carry = self._decode(self.params, carry, tokens, pad, key, rules.traced(), steps=self.CHUNK,
+                                 ngram=rules.no_repeat_ngram_size)
             t = int(carry[0])
             rows, done = np.asarray(carry[3][:, :t]).tolist(), np.array(carry[4])
             for r, ids in enumerate(rows):
