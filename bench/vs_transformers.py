@@ -34,7 +34,8 @@ def main():
 
     from gpt.hf import from_hf
     from gpt.model import GPT
-    from gpt.sampling import Generator, Rules
+    from gpt.logits import Rules
+    from gpt.sampling import Generator
 
     cfg, params = from_hf(directory)
     params = jax.device_put(params)

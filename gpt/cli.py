@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from gpt.config import Config, ConfigError, check_writable_dir, help_text, parse_args, validate_data
+from gpt.config import (Config, ConfigError, apply_layers, check_writable_dir, help_text, parse_args, read_args,
+                        validate_data)
 from gpt.exits import fail, guarded, quiet_orbax
 from gpt.files import json_lines
 
@@ -101,8 +102,9 @@ def sample_preflight(argv: list[str]):
     from gpt.sampling import load_model
     from gpt.sharding import initialize_distributed
 
-    args = parse_args(SampleArgs(), argv, allow_preset=False)
-    validate_sample(args.sample)
+    layers = read_args(argv, allow_preset=False)
+    args = apply_layers(SampleArgs(), layers)
+    validate_sample(args.sample, frozenset(k for _, values in layers for k in values))
     prompts = _read_prompts(args.sample)
     quiet_orbax()
     initialize_distributed(args.mesh)
@@ -138,27 +140,38 @@ def _read_prompts(s) -> list[str]:
     return [prompt]
 
 
+def _stop_rule(s, tok):
+    """(the stop string, stop(new_ids) -> the number of tokens that first spell it out, or None)."""
+    stop_text = s.stop.replace("\\n", "\n").replace("\\t", "\t")
+
+    def stop(new_ids: list[int]):
+        if not stop_text or stop_text not in tok.decode(new_ids):
+            return None
+        return next(k for k in range(1, len(new_ids) + 1) if stop_text in tok.decode(new_ids[:k]))
+
+    return stop_text, stop
+
+
 def _sample(args, prompts: list[str], loaded) -> int:
     import json
     import time
 
-    from gpt.sampling import Generator, Rules
+    from gpt.logits import Rules
+    from gpt.sampling import Generator
     from gpt.tokenizer import get_tokenizer
 
     s = args.sample
     model_cfg, params, tokenizer, source = loaded
     tok = get_tokenizer(tokenizer)
     print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
+    rules = Rules(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.no_repeat_ngram_size,
+                  s.min_new_tokens)
+    if s.num_beams > 1:
+        return _beam_sample(s, prompts, model_cfg, params, tok, rules)
     ids = [tok.encode(p) for p in prompts for _ in range(s.num_samples)]
     texts = [p for p in prompts for _ in range(s.num_samples)]
     max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
-    stop_text = s.stop.replace("\\n", "\n").replace("\\t", "\t")
-
-    def stop(new_ids: list[int]):
-        """The number of tokens that first spell out the stop string, or None."""
-        if not stop_text or stop_text not in tok.decode(new_ids):
-            return None
-        return next(k for k in range(1, len(new_ids) + 1) if stop_text in tok.decode(new_ids[:k]))
+    stop_text, stop = _stop_rule(s, tok)
 
     def visible(new_ids: list[int]) -> str:
         text = tok.decode(new_ids)
@@ -177,7 +190,7 @@ def _sample(args, prompts: list[str], loaded) -> int:
         print(texts[0], end="", flush=True)
     t0 = time.perf_counter()
     outputs = Generator(model_cfg, params, tok.eot_token).generate(
-        ids, max_new, Rules(s.temperature, s.top_k, s.top_p), s.seed, stop=stop if stop_text else None,
+        ids, max_new, rules, s.seed, stop=stop if stop_text else None,
         on_chunk=on_chunk if stream else None, sliding_window=s.sliding_window)
     elapsed = time.perf_counter() - t0
     n_new = sum(len(o) for o in outputs)
@@ -191,6 +204,35 @@ def _sample(args, prompts: list[str], loaded) -> int:
         else:
             print(prompt + text, "\n" + "-" * 40, flush=True)
     print(f"{n_new} tokens in {elapsed:.2f}s ({n_new / elapsed:,.0f} tokens/s, compilation included)", file=sys.stderr)
+    return 0
+
+
+def _beam_sample(s, prompts: list[str], model_cfg, params, tok, rules) -> int:
+    """sample.py with num_beams > 1: each prompt's best num_return_sequences hypotheses and their scores."""
+    import json
+    import time
+
+    from gpt.sampling import Beams, Generator
+
+    ids = [tok.encode(p) for p in prompts]
+    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
+    stop_text, stop = _stop_rule(s, tok)
+
+    t0 = time.perf_counter()
+    beams = Beams(s.num_beams, s.length_penalty, s.early_stopping.lower(), s.num_return_sequences)
+    results = Generator(model_cfg, params, tok.eot_token).beam_search(ids, max_new, rules, beams,
+                                                                      stop if stop_text else None)
+    elapsed = time.perf_counter() - t0
+    for prompt, prompt_ids, hypotheses in zip(prompts, ids, results):
+        for rank, (new_ids, score) in enumerate(hypotheses):
+            text = tok.decode(new_ids)
+            if s.json:
+                print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "beam": rank, "tokens": new_ids,
+                                  "text": text, "score": score}), flush=True)
+            else:
+                print(f"[beam {rank}, score {score:.4f}]\n{prompt + text}\n" + "-" * 40, flush=True)
+    print(f"beam search ({s.num_beams} beams) of {len(ids)} prompts in {elapsed:.2f}s (compilation included)",
+          file=sys.stderr)
     return 0
 
 

@@ -195,6 +195,15 @@ class SampleConfig:
     temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
     top_k: int = opt(0, "keep the k most likely tokens; 0 = all")
     top_p: float = opt(1.0, "nucleus: keep the smallest set with this much probability, in (0, 1]")
+    min_p: float = opt(0.0, "keep the tokens at least min_p times as likely as the most likely one, in [0, 1]; 0 = off")
+    repetition_penalty: float = opt(1.0, "CTRL's penalty on every token already in the text (> 0; 1 = off, 1.2 is usual)")
+    no_repeat_ngram_size: int = opt(0, "never repeat an n-gram of this size (prompt included); 0 = off")
+    min_new_tokens: int = opt(0, "no end-of-text before this many new tokens")
+    num_beams: int = opt(1, "beam search with this many hypotheses per prompt (deterministic: temperature 0); 1 = off")
+    length_penalty: float = opt(1.0, "beam search: a hypothesis scores sum(log p) / length ** length_penalty")
+    early_stopping: str = opt("false", "beam search: true (stop at num_beams finished), false (stop when no running "
+                                       "hypothesis can win, transformers' default) or never (canonical beam search)")
+    num_return_sequences: int = opt(1, "beam search: the best hypotheses returned per prompt, at most num_beams")
     seed: int = opt(1337, "sampling seed")
     prompts: str = opt("", "a JSON-lines file of prompts (one JSON string per line), sampled as one batch")
     stop: str = opt("", "end a sample where this string appears (write \\n for a newline)")
@@ -509,10 +518,31 @@ def load_config(argv: list[str]) -> Config:
     return resolve(cfg)
 
 
-def validate_sample(s: SampleConfig) -> None:
+def validate_sample(s: SampleConfig, asked: frozenset = frozenset()) -> None:
+    """asked: the keys given on the command line; with beam search, sampling keys given there are refused
+    (left at their defaults they do not apply)."""
     _check_finite(s)
     if s.num_samples < 1:
         raise ConfigError(f"num_samples={s.num_samples}: must be >= 1")
+    if s.num_beams < 1:
+        raise ConfigError(f"num_beams={s.num_beams}: must be >= 1 (1 = no beam search)")
+    if not 1 <= s.num_return_sequences <= s.num_beams:
+        raise ConfigError(f"num_return_sequences={s.num_return_sequences}: must be in [1, num_beams={s.num_beams}]")
+    if s.early_stopping.lower() not in ("true", "false", "never"):
+        raise ConfigError(f"early_stopping={s.early_stopping!r}: use true, false or never")
+    if s.num_beams > 1:
+        sampling = {"temperature": s.temperature > 0, "top_k": s.top_k > 0, "top_p": s.top_p < 1, "min_p": s.min_p > 0,
+                    "num_samples": s.num_samples > 1, "sliding_window": s.sliding_window}
+        for key, used in sampling.items():
+            if key in asked and used:
+                raise ConfigError(f"{key}={getattr(s, key)} with num_beams={s.num_beams}: beam search here is "
+                                  "deterministic (no sampling); drop it, or use --num_return_sequences for several")
+    if s.repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={s.repetition_penalty}: must be > 0 (1 = off)")
+    if s.no_repeat_ngram_size < 0 or s.min_new_tokens < 0:
+        raise ConfigError("no_repeat_ngram_size and min_new_tokens must be >= 0 (0 = off)")
+    if not 0.0 <= s.min_p <= 1.0:
+        raise ConfigError(f"min_p={s.min_p}: must be in [0, 1] (0 = off)")
     if s.max_new_tokens < 1 and s.max_new_tokens != -1:
         raise ConfigError(f"max_new_tokens={s.max_new_tokens}: must be >= 1, or -1 to fill the context")
     if s.temperature < 0:

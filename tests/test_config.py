@@ -40,6 +40,12 @@ SAMPLE_BOUNDS = {
     "top_k": ([0, 1], [-1]),
     "top_p": ([1.0, 0.01], [0.0, -0.5, 1.01]),
     "init_from": (["resume", "."], ["/nonexistent-dir", "zzz-nonexistent"]),  # names before and after "resume"
+    "num_beams": ([1, 4], [0, -1]),
+    "repetition_penalty": ([0.01, 1.0, 2.0], [0.0, -1.0]),
+    "no_repeat_ngram_size": ([0, 3], [-1]),
+    "min_new_tokens": ([0, 5], [-1]),
+    "min_p": ([0.0, 1.0], [-0.1, 1.1]),
+    "early_stopping": (["true", "False", "never"], ["sometimes"]),
 }
 
 
@@ -176,3 +182,14 @@ def test_a_preset_writes_a_mixture_as_a_table_and_lists_as_arrays(tmp_path):
     (tmp_path / "bad2.toml").write_text('[dataset]\nweb = "a lot"\n')
     with pytest.raises(ConfigError, match="dataset=.* is not a valid str"):
         load_config([str(tmp_path / "bad2.toml")])
+
+
+def test_beam_search_refuses_the_sampling_keys_it_was_given():
+    """With num_beams > 1 sampling keys left at their defaults do not apply; given on the command line they are
+    refused in one line (beam search here is deterministic)."""
+    validate_sample(SampleConfig(num_beams=4))  # temperature 0.8 and num_samples 3 are only defaults here
+    with pytest.raises(ConfigError, match="temperature=0.8 with num_beams=4"):
+        validate_sample(SampleConfig(num_beams=4), frozenset({"temperature"}))
+    validate_sample(SampleConfig(num_beams=4, temperature=0.0), frozenset({"temperature"}))
+    with pytest.raises(ConfigError, match="num_return_sequences=5: must be in"):
+        validate_sample(SampleConfig(num_beams=4, num_return_sequences=5))

@@ -7,7 +7,8 @@ import pytest
 
 from gpt.config import ConfigError
 from gpt.model import GPT
-from gpt.sampling import Generator, Rules, filter_logits, sample_logits
+from gpt.logits import Rules, filter_logits, sample_logits
+from gpt.sampling import Generator
 from tests.helpers import check_cached_decode, random_model, tiny_model_config
 
 # The suite's tiny model with a longer context (prompts plus 40 new tokens fit; two 32-token chunks, and a
@@ -56,7 +57,7 @@ def test_top_k_never_leaves_the_k_best():
     for r in range(4):
         best.add(tuple(np.argsort(-np.asarray(logits[r]))[:5]))
     keys = jax.random.split(jax.random.key(1), 300)
-    draws = jax.vmap(lambda k: sample_logits(logits, k, 1.5, 5, 1.0))(keys)
+    draws = jax.vmap(lambda k: sample_logits(logits, k, Rules(1.5, 5, 1.0).traced()))(keys)
     for r in range(4):
         allowed = set(np.argsort(-np.asarray(logits[r]))[:5].tolist())
         assert set(np.asarray(draws[:, r]).tolist()) <= allowed
@@ -66,7 +67,7 @@ def test_top_k_never_leaves_the_k_best():
 def test_top_p_never_leaves_the_nucleus():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]]))
     keys = jax.random.split(jax.random.key(2), 2000)
-    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 0, 0.8))(keys))[:, 0]
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, Rules(1.0, 0, 0.8).traced()))(keys))[:, 0]
     assert set(draws.tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8 <= 0.5 + 0.25 + 0.15
 
 
@@ -107,11 +108,11 @@ def test_filter_works_on_any_leading_shape():
 def test_greedy_is_the_argmax_whatever_the_filters():
     logits = jax.random.normal(jax.random.key(5), (8, 200))
     for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.5), (50, 0.9)]:
-        got = sample_logits(logits, jax.random.key(6), 0.0, top_k, top_p)
+        got = sample_logits(logits, jax.random.key(6), Rules(0.0, top_k, top_p).traced())
         np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), axis=-1))
     tied = jnp.array([[1.0, 3.0, 3.0, 0.0]] * 64)  # greedy takes the first of tied maxima, every time
     keys = jax.random.split(jax.random.key(8), 64)
-    assert set(np.asarray(jax.vmap(lambda k: sample_logits(tied[:1], k, 0.0, 0, 1.0))(keys)).ravel()) == {1}
+    assert set(np.asarray(jax.vmap(lambda k: sample_logits(tied[:1], k, Rules(0.0, 0, 1.0).traced()))(keys)).ravel()) == {1}
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.9), (0.7, 4, 1.0), (0.7, 0, 0.8), (1.6, 0, 1.0),
@@ -121,7 +122,7 @@ def test_empirical_distribution_matches_the_numpy_rules(temperature, top_k, top_
     z = numpy_filter(logits, temperature, top_k, top_p)[0]
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     keys = jax.random.split(jax.random.key(3), 20000)
-    draws = np.asarray(jax.vmap(lambda k: sample_logits(jnp.asarray(logits), k, temperature, top_k, top_p))(keys))[:, 0]
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(jnp.asarray(logits), k, Rules(temperature, top_k, top_p).traced()))(keys))[:, 0]
     assert draws.dtype == np.int32
     freq = np.bincount(draws, minlength=6) / len(draws)
     np.testing.assert_allclose(freq, expected, atol=0.015)  # ~4 standard errors at n=20000

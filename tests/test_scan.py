@@ -10,7 +10,8 @@ from gpt import sharding
 from gpt.config import ModelConfig
 from gpt.hf import from_hf, save_hf, to_hf
 from gpt.model import GPT, init_params, stack_layers, unstack_layers
-from gpt.sampling import Generator, Rules
+from gpt.logits import Rules
+from gpt.sampling import Generator
 from tests.helpers import TINY, random_model, tiny_model_config
 
 LOOPED = tiny_model_config(n_layer=3, vocab_size=200)

@@ -1,0 +1,118 @@
+"""Beam search and the logits processors against transformers: the same random GPT-2 (saved by transformers,
+loaded by gpt.hf) gives the same beams and scores as `generate(num_beams=K, do_sample=False)`, and the
+processors equal transformers' on random logits. Also: every returned score equals a full recompute of its
+hypothesis without the cache (so the cache was reordered right), K = 1 with early stopping is greedy, and no
+hypothesis runs past end-of-text. Needs torch and transformers (`pip install -e ".[test,parity]"`, as CI does)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gpt.hf import from_hf  # noqa: E402
+from gpt.logits import Rules, no_repeat_ngram, repetition_penalty  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.sampling import Beams, Generator  # noqa: E402
+
+VOCAB, EOT = 96, 95  # a small vocabulary, so that end-of-text is often among the candidates
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random GPT-2 with peaked predictions (initializer_range 0.3: few near-ties between candidates)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     initializer_range=0.3, bos_token_id=EOT, eos_token_id=EOT)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)
+    return path, model
+
+
+def hf_beams(model, prompt, max_new, k, length_penalty, early_stopping, returns):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new, num_beams=k, do_sample=False, length_penalty=length_penalty,
+                             early_stopping=early_stopping, num_return_sequences=returns, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=EOT, eos_token_id=EOT)
+    hypotheses = []
+    for row, score in zip(out.sequences[:, len(prompt):].tolist(), out.sequences_scores.tolist()):
+        ids = row[: row.index(EOT) + 1] if EOT in row else row  # finished ones are padded with end-of-text
+        hypotheses.append((ids, score))
+    return hypotheses
+
+
+PROMPTS = [[3, 17, 42, 8], [60, 2], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.0, False), (2.0, "never"),
+                                                            (1.0, True)])
+def test_beams_and_scores_equal_transformers(hf_dir, k, length_penalty, early_stopping):
+    path, model = hf_dir
+    cfg, params = from_hf(path)
+    gen = Generator(cfg, params, eot_token=EOT)
+    beams = Beams(k, length_penalty, str(early_stopping).lower(), k)
+    for prompt in PROMPTS:
+        ours = gen.beam_search([prompt], 24, Rules(0.0), beams)[0]
+        theirs = hf_beams(model, prompt, 24, k, length_penalty, early_stopping, k)
+        assert [ids for ids, _ in ours] == [ids for ids, _ in theirs], (prompt, ours, theirs)
+        np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], rtol=1e-5)
+
+
+def test_k1_is_greedy_and_no_beam_runs_past_end_of_text(hf_dir):
+    path, _ = hf_dir
+    cfg, params = from_hf(path)
+    gen = Generator(cfg, params, eot_token=EOT)
+    greedy = gen.generate(PROMPTS, 24, Rules(0.0), seed=0)
+    single = gen.beam_search(PROMPTS, 24, Rules(0.0), Beams(1, 1.0, "true", 1))
+    assert [hyps[0][0] for hyps in single] == greedy
+    for hyps in gen.beam_search(PROMPTS, 24, Rules(0.0), Beams(4, 1.0, "false", 4)):
+        for ids, _ in hyps:
+            assert EOT not in ids[:-1]
+
+
+def test_every_score_is_its_hypothesis_recomputed_without_the_cache(hf_dir):
+    """Batched prompts of different lengths (left-padded): each hypothesis's score equals its log-probability
+    from one full forward pass of prompt + hypothesis over its length ** length_penalty."""
+    path, _ = hf_dir
+    cfg, params = from_hf(path)
+    model = GPT(cfg)
+    for length_penalty in (1.0, 0.5):
+        results = Generator(cfg, params, eot_token=EOT).beam_search(PROMPTS, 16, Rules(0.0),
+                                                                    Beams(3, length_penalty, "false", 3))
+        for prompt, hyps in zip(PROMPTS, results):
+            for ids, score in hyps:
+                logits, _ = model.apply({"params": params}, jnp.asarray([prompt + ids]))  # plain causal, no cache
+                logp = np.asarray(jax.nn.log_softmax(logits[0, :, :VOCAB].astype(jnp.float32), axis=-1), np.float64)
+                total = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(ids))
+                assert score == pytest.approx(total / len(ids) ** length_penalty, rel=1e-5)
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_equals_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(0)
+    ids, scores = rng.integers(0, 50, (4, 12)), rng.normal(size=(4, 50)).astype(np.float32)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(scores)).numpy()
+    ours = repetition_penalty(jnp.asarray(scores), jnp.asarray(ids), jnp.ones(ids.shape, bool), penalty)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_equals_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng = np.random.default_rng(n)
+    ids = rng.integers(0, 6, (5, 20))  # a small alphabet: many repeated n-grams
+    scores = rng.normal(size=(5, 6)).astype(np.float32)
+    theirs = NoRepeatNGramLogitsProcessor(n)(torch.tensor(ids), torch.tensor(scores)).numpy()
+    ours = no_repeat_ngram(jnp.asarray(scores), jnp.asarray(ids), jnp.zeros(5, jnp.int32), 20, n)
+    np.testing.assert_array_equal(np.isneginf(np.asarray(ours)), np.isneginf(theirs))
+    kept = ~np.isneginf(theirs)
+    np.testing.assert_array_equal(np.asarray(ours)[kept], theirs[kept])
