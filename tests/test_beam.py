@@ -18,39 +18,50 @@ from gpt.logits import Rules, no_repeat_ngram, repetition_penalty  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.sampling import Beams, Generator  # noqa: E402
 
-VOCAB, EOT = 96, 95  # a small vocabulary, so that end-of-text is often among the candidates
+VOCAB, EOT = 16, 15  # a small vocabulary, so that end-of-text is often among the candidates
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A random GPT-2 with peaked predictions (initializer_range 0.3: few near-ties between candidates)."""
+    """A random GPT-2 with peaked predictions (initializer_range 0.3: few near-ties between candidates) whose
+    end-of-text embedding is doubled, so that most hypotheses end with it well before the length limit."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                      initializer_range=0.3, bos_token_id=EOT, eos_token_id=EOT)
     model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[EOT] *= 2.0
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path)
     return path, model
 
 
-def hf_beams(model, prompt, max_new, k, length_penalty, early_stopping, returns):
+def hf_beams(model, prompts, max_new, k, length_penalty, early_stopping, returns):
+    """transformers' beams of equal-length prompts (its left padding would enter its repetition penalty, so
+    no padding here): per prompt [(new ids, score)]."""
+    ids = torch.tensor(prompts)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new, num_beams=k, do_sample=False, length_penalty=length_penalty,
-                             early_stopping=early_stopping, num_return_sequences=returns, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=EOT, eos_token_id=EOT)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, num_beams=k,
+                             do_sample=False, length_penalty=length_penalty, early_stopping=early_stopping,
+                             num_return_sequences=returns, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=EOT, eos_token_id=EOT)
     hypotheses = []
-    for row, score in zip(out.sequences[:, len(prompt):].tolist(), out.sequences_scores.tolist()):
-        ids = row[: row.index(EOT) + 1] if EOT in row else row  # finished ones are padded with end-of-text
-        hypotheses.append((ids, score))
-    return hypotheses
+    for row, score in zip(out.sequences[:, ids.shape[1]:].tolist(), out.sequences_scores.tolist()):
+        new = row[: row.index(EOT) + 1] if EOT in row else row  # finished ones are padded with end-of-text
+        hypotheses.append((new, score))
+    return [hypotheses[i: i + returns] for i in range(0, len(hypotheses), returns)]
 
 
-PROMPTS = [[3, 17, 42, 8], [60, 2], [11, 12, 13, 14, 15, 16, 17]]
+def assert_same(ours, theirs, where):
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs], (where, ours, theirs)
+    np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], rtol=1e-5, err_msg=str(where))
+
+
+PROMPTS = [[3, 1, 4, 8], [6, 2], [11, 12, 13, 14, 1, 10, 7]]
 
 
 @pytest.mark.parametrize("k", [2, 4])
-@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.0, False), (2.0, "never"),
+@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.0, False), (2.0, False), (2.0, "never"),
                                                             (1.0, True)])
 def test_beams_and_scores_equal_transformers(hf_dir, k, length_penalty, early_stopping):
     path, model = hf_dir
@@ -58,10 +69,38 @@ def test_beams_and_scores_equal_transformers(hf_dir, k, length_penalty, early_st
     gen = Generator(cfg, params, eot_token=EOT)
     beams = Beams(k, length_penalty, str(early_stopping).lower(), k)
     for prompt in PROMPTS:
-        ours = gen.beam_search([prompt], 24, Rules(0.0), beams)[0]
-        theirs = hf_beams(model, prompt, 24, k, length_penalty, early_stopping, k)
-        assert [ids for ids, _ in ours] == [ids for ids, _ in theirs], (prompt, ours, theirs)
-        np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], rtol=1e-5)
+        assert_same(gen.beam_search([prompt], 24, Rules(0.0), beams)[0],
+                    hf_beams(model, [prompt], 24, k, length_penalty, early_stopping, k)[0], prompt)
+    # A batch: a prompt whose pool can no longer change waits (masked) while the others go on.
+    batch = [[3, 1, 4, 8], [6, 2, 9, 9], [11, 12, 13, 14], [5, 5, 5, 5]]
+    for ours, theirs in zip(gen.beam_search(batch, 24, Rules(0.0), beams),
+                            hf_beams(model, batch, 24, k, length_penalty, early_stopping, k)):
+        assert_same(ours, theirs, "batch")
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_beams_with_the_processors_equal_transformers(hf_dir, k):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens inside beam search (on log-probabilities, as
+    transformers applies them), and for k = 1 in greedy decoding (on logits), against generate()."""
+    path, model = hf_dir
+    cfg, params = from_hf(path)
+    gen = Generator(cfg, params, eot_token=EOT)
+    rules = Rules(0.0, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=5)
+    prompt = [3, 1, 4, 8]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, num_beams=k,
+                             do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=5,
+                             num_return_sequences=k, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=EOT, eos_token_id=EOT)
+    rows = [r[: r.index(EOT) + 1] if EOT in r else r for r in out.sequences[:, len(prompt):].tolist()]
+    if k == 1:
+        assert gen.generate([prompt], 20, rules, seed=0)[0] == rows[0]
+        return
+    ours = gen.beam_search([prompt], 20, rules, Beams(k, 1.0, "false", k))[0]
+    assert [i for i, _ in ours] == rows
+    np.testing.assert_allclose([s for _, s in ours], out.sequences_scores.tolist(), rtol=1e-5)
+    assert all(len(i) >= 5 for i in rows)  # min_new_tokens held end-of-text back
 
 
 def test_k1_is_greedy_and_no_beam_runs_past_end_of_text(hf_dir):
@@ -71,9 +110,12 @@ def test_k1_is_greedy_and_no_beam_runs_past_end_of_text(hf_dir):
     greedy = gen.generate(PROMPTS, 24, Rules(0.0), seed=0)
     single = gen.beam_search(PROMPTS, 24, Rules(0.0), Beams(1, 1.0, "true", 1))
     assert [hyps[0][0] for hyps in single] == greedy
+    ended = 0
     for hyps in gen.beam_search(PROMPTS, 24, Rules(0.0), Beams(4, 1.0, "false", 4)):
         for ids, _ in hyps:
             assert EOT not in ids[:-1]
+            ended += ids[-1] == EOT
+    assert ended >= 6  # of 12: the finished pool was exercised
 
 
 def test_every_score_is_its_hypothesis_recomputed_without_the_cache(hf_dir):
