@@ -52,13 +52,14 @@ CHUNK_CHARS = 1 << 20
 
 
 class PrepareError(Exception):
-    """Writing a prepared corpus failed (an OS error); the message is one line, and nothing half-written is left."""
+    """Preparing a corpus failed (an OS error, a worker process that died); the message is one line, and nothing
+    half-written is left."""
 
 
 def num_workers(num_proc: int, tokenizer: str) -> int:
     """num_proc, or for 0: one per core this process may run on, but for the byte tokenizer one (its "tokenizing"
-    is a copy of the UTF-8 bytes, faster than shipping them to a worker and back: bench/prepare.py measured 441
-    MB/s in one process against 137 MB/s with 2 workers here)."""
+    is a copy of the UTF-8 bytes, faster than shipping them to a worker and back: bench/prepare.py measured 427
+    MB/s in one process against 134 MB/s with 2 workers on 2 cores)."""
     if num_proc > 0:
         return num_proc
     if tokenizer == "byte":
