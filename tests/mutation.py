@@ -45,7 +45,7 @@ class Target:
 TARGETS = {
     "optim": Target("gpt/optim.py", frozenset(), "tests/test_optim.py "
                     "tests/test_run.py::test_checkpoints_of_another_layout_or_corpus_are_refused_in_one_line"),
-    "sampling_filters": Target("gpt/sampling.py", frozenset({"filter_logits", "sample_logits", "sample"}),
+    "sampling_filters": Target("gpt/logits.py", frozenset({"filter_logits", "sample_logits", "sample"}),
                                "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is or leading'"),
     "batch_source": Target("gpt/data.py", frozenset({"get_batch", "_load", "train", "eval", "offsets", "_perm",
                                                      "locate", "_block", "mix_counts", "consumed", "__getitem__",

@@ -122,3 +122,12 @@ def test_checkpoint_saved_on_fsdp_restores_on_other_meshes(cli, data_dir, tmp_pa
     assert single.returncode == 0 and tensor.returncode == 0, single.stderr + tensor.stderr
     a, b = json.loads(single.stdout), json.loads(tensor.stdout)
     assert len(a["tokens"]) == 16 and a["tokens"] == b["tokens"]
+    # Beam search too: the same beams and scores on one device and on data=2 x tensor=4.
+    beams = ["--start=ROMEO:", "--num_beams=3", "--num_return_sequences=2", "--max_new_tokens=12", "--json=True"]
+    single = cli("sample.py", f"--out_dir={out}", *beams, devices=1)
+    tensor = cli("sample.py", f"--out_dir={out}", *beams, "--mesh_data=2", "--mesh_tensor=4", devices=8)
+    assert single.returncode == 0 and tensor.returncode == 0, single.stderr + tensor.stderr
+    a, b = ([json.loads(line) for line in r.stdout.splitlines()] for r in (single, tensor))
+    assert [row["beam"] for row in a] == [0, 1] and a[0]["score"] >= a[1]["score"]
+    assert [row["tokens"] for row in a] == [row["tokens"] for row in b]
+    np.testing.assert_allclose([row["score"] for row in a], [row["score"] for row in b], rtol=1e-4)
