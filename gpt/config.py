@@ -212,6 +212,20 @@ class SampleConfig:
 
 
 @dataclass
+class ServeConfig:
+    init_from: str = opt("resume", "resume (the latest checkpoint in out_dir) or a local HF GPT-2 directory")
+    out_dir: str = opt("out", "run directory whose checkpoint is served")
+    step: int = opt(-1, "checkpoint step to serve first; -1 = the latest")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = opt(8000, "port to listen on")
+    max_batch: int = opt(8, "requests decoded together (the KV cache holds this many whole contexts)")
+    max_queue: int = opt(64, "requests waiting for a slot before more are refused (HTTP 429)")
+    reload_interval: float = opt(10.0, "seconds between looks for a newer checkpoint in out_dir; 0 = only on "
+                                       "POST /v1/reload")
+    model_name: str = opt("", "the model's name in the API; empty = gpt-jax (or gpt2 for an HF directory)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -245,6 +259,12 @@ _FOREIGN_KEYS = {
     "wandb_run_name": "the wandb run is named after out_dir (with --log_to=wandb)",
     "always_save_checkpoint": "use --checkpoint_interval",
 }
+
+
+@dataclass
+class ServeArgs:
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 @dataclass
@@ -555,6 +575,18 @@ def validate_sample(s: SampleConfig, asked: frozenset = frozenset()) -> None:
         raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
     if s.start == "" and not s.prompts:
         raise ConfigError("start='': the prompt is empty; give at least one character")
+
+
+def validate_serve(s: ServeConfig) -> None:
+    _check_finite(s)
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"port={s.port}: must be in 1..65535")
+    if s.max_batch < 1 or s.max_queue < 1:
+        raise ConfigError(f"max_batch={s.max_batch}, max_queue={s.max_queue}: both must be >= 1")
+    if s.reload_interval < 0:
+        raise ConfigError(f"reload_interval={s.reload_interval}: must be >= 0 (0 = only on request)")
+    if s.init_from != "resume" and not Path(s.init_from).is_dir():
+        raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
 
 
 def check_writable_dir(key: str, path: str) -> None:

@@ -173,12 +173,19 @@ class CausalSelfAttention(nn.Module):
                 mask = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, None]
             y = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         else:  # decoding: write this chunk's keys/values at cache_index, attend over the whole cache
-            k, v = (jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
-                    for c, x in zip(cache, (k, v)))
+            k, v = (_write_cache(c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index) for c, x in zip(cache, (k, v)))
             cache = (k, v)
             y = attention(q, k, v, mask)
         y = Dense((cfg.n_embd,), ("heads", "head_dim", "embed"), cfg, std=_output_std(cfg), n_in=2, name="c_proj")(y)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), cache
+
+
+def _write_cache(cache_BHSD, new_BHTD, index):
+    """new written into the cache at slot index along the sequence axis: one index for every row, or (a [B]
+    vector) each row's own, as a server batching requests of different lengths needs."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BHSD, new_BHTD, (0, 0, index, 0))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(cache_BHSD, new_BHTD, index)
 
 
 def _output_std(cfg: ModelConfig) -> float:
@@ -224,7 +231,8 @@ class GPT(nn.Module):
         head=False the final hidden states [B, T, n_embd] instead (for lm_head applied in chunks).
 
         positions: [B, T] position ids (default 0..T-1). mask: [B, 1, T, S] boolean attention mask; None means
-        plain causal attention over idx itself. cache: per-layer (k, v) from init_cache, written at cache_index.
+        plain causal attention over idx itself. cache: per-layer (k, v) from init_cache, written at cache_index
+        (one slot for all rows, or a [B] vector of each row's own).
         """
         cfg = self.cfg
         if positions is None:

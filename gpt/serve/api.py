@@ -1,0 +1,200 @@
+"""The HTTP API over the engine (FastAPI): OpenAI's completions shape, server-sent events, a page to try it.
+
+    POST /v1/completions   prompt (a string or a list), max_tokens, temperature, top_p, top_k and min_p
+                           (extensions), n, stop, seed, stream, logprobs, echo; usage in every answer
+    GET  /v1/models        the model: its checkpoint step and config
+    POST /v1/reload        load the newest checkpoint of out_dir now (also done every reload_interval seconds)
+    GET  /health           ok, with the step and the decode batch's occupancy
+    GET  /                 a page: a prompt box, the knobs, the completion streamed as it is written
+
+Every bad request is an HTTP 4xx with OpenAI's error object naming the field: malformed JSON, an unknown field,
+a value out of range, a prompt that leaves no room for max_tokens in the context (400), too many requests at
+once (429). A client that disconnects mid-stream frees its slot at the next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpt.serve.engine import TOP_LOGPROBS, Request
+from gpt.serve.model import Served
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request, less what this server cannot honour (an unknown field is refused, not
+    ignored), plus top_k and min_p."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    echo: bool = False
+    user: str | None = None
+
+
+def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": None}})
+
+
+class Choice:
+    """One choice of a completion: the request the engine decodes, and what of its text has been sent."""
+
+    def __init__(self, index: int, prompt: str, prompt_ids: list[int], request: Request | None):
+        self.index, self.prompt, self.prompt_ids, self.request = index, prompt, prompt_ids, request
+        self.sent = 0  # characters of the completion already streamed
+
+
+def create_app(served: Served) -> FastAPI:
+    app = FastAPI(title="gpt-jax", docs_url=None, redoc_url=None)
+    page = resources.files("gpt.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON ({first.get('msg')})", None)
+        field = where[0] if where else None
+        message = {"extra_forbidden": f"unknown field {field!r}"}.get(first.get("type"), first.get("msg"))
+        return error(400, f"{field}: {message}" if field else message, field)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "step": served.step, **served.engine.counts()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [served.card()]}
+
+    @app.post("/v1/reload")
+    async def reload():
+        step, reloaded = await asyncio.to_thread(served.reload)
+        return {"step": step, "reloaded": reloaded}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or any(not p for p in prompts):
+            return error(400, "prompt: give a non-empty string or a list of them", "prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            return error(400, "stop: at most 4 non-empty strings", "stop")
+        tok, block = served.tokenizer, served.cfg.block_size
+        encoded = [tok.encode(p) for p in prompts]
+        for ids in encoded:
+            if len(ids) + body.max_tokens > block:
+                return error(400, f"prompt: {len(ids)} tokens + max_tokens {body.max_tokens} exceed the model's context "
+                                  f"of {block} tokens", "prompt")
+        seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        choices = []
+        for p, (prompt, ids) in enumerate(zip(prompts, encoded)):
+            for j in range(body.n):
+                request = None
+                if body.max_tokens > 0:
+                    request = Request(ids, body.max_tokens, body.temperature, body.top_k, body.top_p, body.min_p,
+                                      seed + j, body.logprobs if body.logprobs is not None else -1,
+                                      emit=lambda r: loop.call_soon_threadsafe(updates.put_nowait, r),
+                                      stop=served.stop_rule(stops))
+                choices.append(Choice(p * body.n + j, prompt, ids, request))
+        try:
+            for c in choices:
+                if c.request is not None:
+                    served.engine.submit(c.request)
+        except queue.Full:
+            for c in choices:
+                if c.request is not None:
+                    c.request.cancelled.set()
+            return error(429, "too many requests at once: the decode batch and its queue are full; retry later",
+                         None, "rate_limit_exceeded")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": served.name}
+        running = {id(c.request): c for c in choices if c.request is not None}
+
+        def finished_choice(c: Choice) -> dict:
+            text = served.visible(c.request.tokens if c.request else [], stops)
+            return {"text": (c.prompt if body.echo else "") + text, "index": c.index,
+                    "logprobs": served.logprobs(c, body) if body.logprobs is not None else None,
+                    "finish_reason": (c.request.finish if c.request else "length")}
+
+        def usage() -> dict:
+            completion = sum(len(c.request.tokens) for c in choices if c.request)
+            prompt = sum(len(c.prompt_ids) for c in choices)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+        if not body.stream:
+            try:
+                while running:
+                    request = await updates.get()
+                    if request.finish is not None:
+                        running.pop(id(request), None)
+            except asyncio.CancelledError:  # the client went away
+                for c in choices:
+                    if c.request is not None:
+                        c.request.cancelled.set()
+                raise
+            return {**head, "choices": [finished_choice(c) for c in choices], "usage": usage()}
+
+        async def events():
+            try:
+                if body.echo:
+                    for c in choices:
+                        yield _sse({**head, "choices": [{"text": c.prompt, "index": c.index, "logprobs": None,
+                                                         "finish_reason": None}]})
+                for c in choices:
+                    if c.request is None:
+                        yield _sse({**head, "choices": [finished_choice(c) | {"text": ""}]})
+                while running:
+                    request = await updates.get()
+                    c = running.get(id(request))
+                    if c is None:
+                        continue
+                    text = served.visible(request.tokens, stops, hold=request.finish is None)
+                    delta, c.sent = text[c.sent:], max(c.sent, len(text))
+                    if request.finish is not None:
+                        running.pop(id(request))
+                    if delta or request.finish is not None:
+                        yield _sse({**head, "choices": [{"text": delta, "index": c.index, "logprobs": None,
+                                                         "finish_reason": request.finish}]})
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError
+                yield _sse({**head, "choices": [], "usage": usage()})
+                yield "data: [DONE]\n\n"
+            finally:  # the client disconnected (or the stream ended): free the slots
+                for c in choices:
+                    if c.request is not None and c.request.finish is None:
+                        c.request.cancelled.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,131 @@
+"""What the server serves: the parameters (from a checkpoint, picked up again when a newer one is saved, or from
+a Hugging Face directory), the tokenizer, the decode engine, and the text and log-probabilities of a choice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt import checkpoint
+from gpt.config import MeshConfig, ServeConfig
+from gpt.model import GPT
+from gpt.sampling import bucket, load_model
+from gpt.serve.engine import Engine
+from gpt.tokenizer import get_tokenizer
+
+
+class Served:
+    def __init__(self, s: ServeConfig, mesh: MeshConfig, log=print):
+        self.s, self.mesh, self.log = s, mesh, log
+        self.cfg, params, tokenizer, self.source = load_model(s.init_from, s.out_dir, s.step, mesh)
+        self.step = self._step_of(self.source)
+        self.tokenizer = get_tokenizer(tokenizer)
+        self.name = s.model_name or ("gpt-jax" if s.init_from == "resume" else "gpt2")
+        self.engine = Engine(self.cfg, params, self.tokenizer.eot_token, s.max_batch, s.max_queue, log)
+        self._score = jax.jit(lambda p, ids: GPT(self.cfg).apply({"params": p}, ids)[0])
+        self._reload_lock = threading.Lock()
+        self.loaded_at = int(time.time())
+
+    @staticmethod
+    def _step_of(source: str) -> int | None:
+        return int(source.rsplit(" ", 1)[1]) if " step " in source else None
+
+    def card(self) -> dict:
+        """GET /v1/models' entry: the checkpoint's step and the model's config."""
+        return {"id": self.name, "object": "model", "created": self.loaded_at, "owned_by": "gpt-jax",
+                "source": self.source, "step": self.step, "config": self.cfg.__dict__}
+
+    def reload(self) -> tuple[int | None, bool]:
+        """Load the newest complete checkpoint of out_dir if it is newer than the one served: (step, whether
+        it was). Orbax lists only checkpoints whose writing finished, so a half-written one is never read; the
+        engine takes the new parameters once the requests decoding now are done."""
+        if self.s.init_from != "resume":
+            return self.step, False
+        with self._reload_lock:
+            manager = checkpoint.make_manager(self.s.out_dir, read_only=True)
+            steps = manager.all_steps()
+            manager.close()
+            if not steps or (self.step is not None and max(steps) <= self.step):
+                return self.step, False
+            cfg, params, _, step = checkpoint.load_params(self.s.out_dir, max(steps), self.mesh)
+            if cfg != self.cfg:
+                self.log(f"warning: step {step} of {self.s.out_dir} is another model ({cfg}); still serving "
+                         f"step {self.step}")
+                return self.step, False
+            self.engine.swap_params(params)
+            self.step, self.source = step, f"{self.s.out_dir} step {step}"
+            self.log(f"serving {self.source}")
+            return step, True
+
+    def watch(self) -> None:
+        """Reload every reload_interval seconds (in a daemon thread), if that is set."""
+        def loop():
+            while True:
+                time.sleep(self.s.reload_interval)
+                try:
+                    self.reload()
+                except Exception as e:  # a checkpoint rotated away mid-read, a full disk: try again later
+                    self.log(f"warning: reload failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+        if self.s.reload_interval > 0 and self.s.init_from == "resume":
+            threading.Thread(target=loop, daemon=True, name="checkpoint-watch").start()
+
+    def stop_rule(self, stops: list[str]):
+        """stop(ids) -> the number of tokens that first spell out any stop string, or None."""
+        decode = self.tokenizer.decode
+
+        def stop(ids: list[int]):
+            if not stops or not any(s in decode(ids) for s in stops):
+                return None
+            return next(k for k in range(1, len(ids) + 1) if any(s in decode(ids[:k]) for s in stops))
+
+        return stop
+
+    def visible(self, ids: list[int], stops: list[str], hold: bool = False) -> str:
+        """The text of ids up to a stop string; with hold (the choice still runs), less what might still turn
+        into a stop string or a character whose bytes are not all out yet."""
+        text = self.tokenizer.decode(ids)
+        for s in stops:
+            if s in text:
+                text = text[: text.index(s)]
+        if hold:
+            text = text.rstrip("\ufffd")
+            cut = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - cut]
+        return text
+
+    def logprobs(self, choice, body) -> dict:
+        """OpenAI's logprobs object of a finished choice: each token (of the prompt too, with echo: its first
+        token has none), its log-probability, and the top `logprobs` alternatives."""
+        entries = []  # (token id, log-prob or None, [(id, log-prob)])
+        if body.echo:
+            entries += self.score(choice.prompt_ids, body.logprobs)
+        if choice.request is not None:
+            entries += [(t, lp, top[: body.logprobs]) for t, lp, top in choice.request.steps]
+        decode, offset = self.tokenizer.decode, len(choice.prompt) if not body.echo else 0
+        tokens, offsets = [], []
+        for token, _, _ in entries:
+            tokens.append(decode([token]))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if lp is None else {decode([i]): v for i, v in top} for _, lp, top in entries],
+                "text_offset": offsets}
+
+    def score(self, ids: list[int], k: int) -> list:
+        """(token, log-prob given the tokens before it, top k alternatives) of every token of ids; the first has
+        no log-prob. One forward pass, padded at the end to a bucket length (causality hides the padding)."""
+        length = min(bucket(len(ids)), self.cfg.block_size)
+        padded = np.zeros((1, length), np.int32)
+        padded[0, : len(ids)] = ids
+        logits = self._score(self.engine.params, padded)[0, : len(ids) - 1, : self.cfg.vocab_size]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_lp, top_id = jax.device_get(jax.lax.top_k(logp, max(k, 1)))
+        chosen = np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=1)[:, 0])
+        return [(ids[0], None, [])] + [(ids[i + 1], float(chosen[i]), list(zip(top_id[i, :k].tolist(),
+                                                                               top_lp[i, :k].tolist())))
+                                       for i in range(len(ids) - 1)]

@@ -1,0 +1,224 @@
+"""The HTTP server: completions equal sample.py's for the same seed and knobs, streaming equals the answer in one
+piece, concurrent requests batched together each get what they would get alone (stops included), every class
+of bad request its 4xx, a disconnected client's slot freed, a newer checkpoint picked up, and the page driven
+in a real headless Chromium."""
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gpt.cli import run_train, sample_main
+from gpt.config import MeshConfig, ServeConfig
+from gpt.serve.api import create_app
+from gpt.serve.model import Served
+from tests.helpers import REPO, TINY, run_command
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("served")
+    assert run_train([*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--checkpoint_interval=4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    served = Served(ServeConfig(out_dir=str(run_dir), step=4, max_batch=4, max_queue=8, reload_interval=0),
+                    MeshConfig(), log=lambda text: None)
+    served.engine.warm_up()
+    served.engine.start()
+    with TestClient(create_app(served)) as client:
+        yield served, client
+    served.engine.close()
+
+
+def complete(client, **body):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_completion_equals_sample_py(server, run_dir, capsys):
+    served, client = server
+    for knobs in ({"temperature": 0.0}, {"temperature": 0.9, "top_k": 20}, {"temperature": 1.0, "top_p": 0.8}):
+        code, out, _ = run_command(sample_main, [f"--out_dir={run_dir}", "--step=4", "--start=ROMEO:", "--num_samples=1",
+                                                 "--max_new_tokens=24", "--seed=7", "--json=True",
+                                                 *(f"--{k}={v}" for k, v in knobs.items())], capsys)
+        assert code == 0
+        expected = json.loads(out.splitlines()[-1])["text"]
+        answer = complete(client, prompt="ROMEO:", max_tokens=24, seed=7, **{"top_k": 0, "top_p": 1.0, **knobs})
+        assert answer["choices"][0]["text"] == expected, knobs
+        assert answer["usage"] == {"prompt_tokens": 6, "completion_tokens": 24, "total_tokens": 30}
+
+
+def stream_text(client, **body) -> tuple[str, list[dict]]:
+    events = []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    text = "".join(c["text"] for e in events for c in e["choices"])
+    return text, events
+
+
+def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
+    _, client = server
+    body = {"prompt": "JULIET:", "max_tokens": 40, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]}
+    text, events = stream_text(client, **body)
+    assert len(events) > 2 and events[-1]["usage"]["completion_tokens"] > 0  # streamed in pieces, usage last
+    assert text == complete(client, **body)["choices"][0]["text"]
+
+
+def test_concurrent_requests_each_get_what_they_would_get_alone(server):
+    """8 requests at once (a batch of 4 slots: requests join as others leave), each with its own seed, knobs
+    and stop string: each answer equals that request made alone, and stops where it should."""
+    _, client = server
+    bodies = [{"prompt": p, "max_tokens": 16 + 4 * i, "temperature": 0.7 + 0.05 * i, "seed": i, "stop": s}
+              for i, (p, s) in enumerate([("ROMEO:", "e"), ("KING:", " "), ("A", None), ("To be", "o"),
+                                          ("HAMLET:", "\n"), ("First", "the"), ("Enter", None), ("O", "a")])]
+    alone = [complete(client, **b)["choices"][0] for b in bodies]
+    answers = [None] * len(bodies)
+
+    def ask(i):
+        answers[i] = complete(client, **bodies[i])["choices"][0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for body, answer, single in zip(bodies, answers, alone):
+        assert answer["text"] == single["text"] and answer["finish_reason"] == single["finish_reason"]
+        if body["stop"]:
+            assert body["stop"] not in answer["text"]
+    assert {a["finish_reason"] for a in answers} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"prompt": "x", "bogus": 1}, 400, "bogus"),
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "x" * 30, "max_tokens": 8}, 400, "prompt"),  # 30 + 8 tokens > the context of 32
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+])
+def test_bad_requests_are_4xx_naming_the_field(server, body, status, param):
+    _, client = server
+    r = (client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+         if isinstance(body, bytes) else client.post("/v1/completions", json=body))
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_too_many_requests_is_429_and_the_server_goes_on(server):
+    served, client = server
+    with served.engine.lock:  # the engine admits nothing while the test fills its queue of 8
+        answers: queue.Queue = queue.Queue()
+        threads = [threading.Thread(target=lambda: answers.put(client.post(
+            "/v1/completions", json={"prompt": "A", "max_tokens": 4}).status_code)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        while served.engine.waiting.qsize() < 8:
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json={"prompt": "A", "max_tokens": 4})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+    for t in threads:
+        t.join()
+    assert sorted(answers.queue) == [200] * 8
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    served, client = server
+    with client.stream("POST", "/v1/completions", json={"prompt": "A", "max_tokens": 24, "stream": True}) as r:
+        next(r.iter_lines())  # the first event, then hang up
+    deadline = time.time() + 10
+    while served.engine.counts()["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert served.engine.counts()["active"] == 0
+
+
+def test_echo_with_logprobs_scores_the_prompt(server):
+    _, client = server
+    choice = complete(client, prompt="ROMEO: hello", max_tokens=0, echo=True, logprobs=2)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == "ROMEO: hello" and lp["tokens"] == list("ROMEO: hello")
+    assert lp["token_logprobs"][0] is None and all(v < 0 for v in lp["token_logprobs"][1:])
+    for chosen, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert len(top) == 2 and max(top.values()) >= chosen - 1e-6
+
+
+def test_a_newer_checkpoint_is_picked_up(server, run_dir):
+    served, client = server
+    assert client.get("/v1/models").json()["data"][0]["step"] == 4  # started at step 4 of 8
+    before = complete(client, prompt="ROMEO:", max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert client.post("/v1/reload").json() == {"step": 8, "reloaded": True}
+    assert client.get("/v1/models").json()["data"][0]["step"] == 8
+    deadline = time.time() + 10  # taken between requests
+    while served.engine.pending_params is not None and time.time() < deadline:
+        time.sleep(0.05)
+    after = complete(client, prompt="ROMEO:", max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert after != before
+    assert client.post("/v1/reload").json() == {"step": 8, "reloaded": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_page_streams_a_completion_in_a_real_browser(run_dir):
+    """python -m gpt.serve in a subprocess; headless Chromium (Debian's, driven by Selenium) types a prompt,
+    presses Generate, and sees the streamed completion appear."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gpt.serve", f"--out_dir={run_dir}", f"--port={port}",
+                               "--reload_interval=0"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        for line in server.stderr:  # wait until it listens
+            if "listening on" in line:
+                break
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+        try:
+            driver.get(f"http://127.0.0.1:{port}/")
+            prompt = driver.find_element(By.ID, "prompt")
+            prompt.clear()
+            prompt.send_keys("KING:")
+            driver.find_element(By.ID, "max_tokens").clear()
+            driver.find_element(By.ID, "max_tokens").send_keys("40")
+            driver.find_element(By.ID, "go").click()
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+            completion = driver.find_element(By.ID, "completion").text
+            assert driver.find_element(By.ID, "prompt-echo").text == "KING:"
+            assert driver.find_element(By.ID, "status").text == "done: 40 tokens" and completion.strip()
+        finally:
+            driver.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
