@@ -11,7 +11,7 @@ cache rows are gathered by their parents (one take on the cache's batch axis, no
 Stopping (transformers' `early_stopping`): "true" ends a prompt once K hypotheses are finished; "false"
 (transformers' default) once the best running score, divided by the current length ** length_penalty, cannot
 beat the worst finished one; "never" like "false" but with the longest possible length when length_penalty > 0
-(the canonical beam search). The loop ends when no prompt can change its pool.
+(with length_penalty 0, the canonical beam search). The loop ends when no prompt can change its pool.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def beam_search(step, cache, logits_BV, tokens_BL, pad_B, rules: tuple, *, num_b
         cand_score, cand = jax.lax.top_k(total, 2 * k)  # [B, 2K]
         parent, token = cand // vocab, cand % vocab
         cand_tok = _take(run_tok, parent).at[:, :, t].set(token)
-        ends = (t + 1 >= max_new) | ((token == eot) if eot is not None else False)
+        ends = (t + 1 >= max_new) | (token == eot if eot is not None else jnp.zeros_like(token, bool))
 
         # The best K continuations that do not end run on; their cache rows are their parents'.
         run_score, keep = jax.lax.top_k(cand_score + NEG * ends, k)
@@ -64,7 +64,8 @@ def beam_search(step, cache, logits_BV, tokens_BL, pad_B, rules: tuple, *, num_b
         just = ends & top_K[None, :]
         score = cand_score / (t + 1.0) ** length_penalty
         score += NEG * (jnp.all(fin_done, axis=1, keepdims=True) & early_true)
-        score += NEG * ~open_B[:, None] + NEG * ~just
+        score += NEG * ~open_B[:, None]
+        score += NEG * ~just
         merged = jnp.concatenate([fin_score, score], axis=1)
         best = jax.lax.top_k(merged, k)[1]
         fin_tok = _take(jnp.concatenate([fin_tok, cand_tok], axis=1), best)

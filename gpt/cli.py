@@ -226,6 +226,7 @@ def _beam_sample(s, prompts: list[str], model_cfg, params, tok, rules) -> int:
     for prompt, prompt_ids, hypotheses in zip(prompts, ids, results):
         for rank, (new_ids, score) in enumerate(hypotheses):
             text = tok.decode(new_ids)
+            text = text[: text.index(stop_text)] if stop_text and stop_text in text else text  # as sampling shows it
             if s.json:
                 print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "beam": rank, "tokens": new_ids,
                                   "text": text, "score": score}), flush=True)

@@ -550,9 +550,12 @@ def validate_sample(s: SampleConfig, asked: frozenset = frozenset()) -> None:
         raise ConfigError(f"num_return_sequences={s.num_return_sequences}: must be in [1, num_beams={s.num_beams}]")
     if s.early_stopping.lower() not in ("true", "false", "never"):
         raise ConfigError(f"early_stopping={s.early_stopping!r}: use true, false or never")
+    if s.num_beams > 1 and s.sliding_window:
+        raise ConfigError(f"sliding_window=True with num_beams={s.num_beams}: beam search needs prompt + "
+                          "max_new_tokens within block_size")
     if s.num_beams > 1:
         sampling = {"temperature": s.temperature > 0, "top_k": s.top_k > 0, "top_p": s.top_p < 1, "min_p": s.min_p > 0,
-                    "num_samples": s.num_samples > 1, "sliding_window": s.sliding_window}
+                    "num_samples": s.num_samples > 1}
         for key, used in sampling.items():
             if key in asked and used:
                 raise ConfigError(f"{key}={getattr(s, key)} with num_beams={s.num_beams}: beam search here is "

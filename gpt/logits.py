@@ -9,7 +9,8 @@
    tokens at least min_p times as likely as the most likely one). Temperature 0 is greedy: the argmax of the
    processed logits.
 
-A processor that is off costs nothing: each runs under a lax.cond on its own setting.
+A processor that is off costs (almost) nothing: the repetition penalty runs under a lax.cond on its setting,
+no_repeat_ngram_size is static (0 compiles no n-gram code), and min_new_tokens is one select on the logits.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def process(logits_BV, history_BL, start_B, end, n_new, rules: tuple, ngram: int
     valid_BL = (slots[None, :] >= start_B[:, None]) & (slots[None, :] < end)
     logits_BV = jax.lax.cond(penalty != 1.0, lambda l: repetition_penalty(l, history_BL, valid_BL, penalty),
                              lambda l: l, logits_BV)
-    if ngram > 0:
+    if 0 < ngram <= history_BL.shape[1]:  # (a longer n-gram than the history holds is never repeated)
         logits_BV = no_repeat_ngram(logits_BV, history_BL, start_B, end, ngram)
     if eot is not None:
         logits_BV = jnp.where((n_new < min_new) & (jnp.arange(logits_BV.shape[-1]) == eot), -jnp.inf, logits_BV)

@@ -10,7 +10,7 @@ What is done to the logits, and in which order, is gpt/logits.py's; beam search 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,15 @@ class Beams:
     """Beam search settings, with transformers' meanings (gpt/beam.py)."""
     num_beams: int = 4
     length_penalty: float = 1.0
-    early_stopping: str = "false"  # "false", "true" or "never"
+    early_stopping: str = "false"  # "false", "true" or "never" (transformers' False, True, "never")
     num_return_sequences: int = 1
+
+    def __post_init__(self):
+        if self.early_stopping not in ("false", "true", "never"):
+            raise ConfigError(f"early_stopping={self.early_stopping!r}: use 'false', 'true' or 'never'")
+        if self.num_beams < 1 or not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ConfigError(f"num_beams={self.num_beams}, num_return_sequences={self.num_return_sequences}: need "
+                              "1 <= num_return_sequences <= num_beams")
 
 
 class Generator:
@@ -109,10 +116,11 @@ class Generator:
         at a stop string (the search itself ends hypotheses at end-of-text and the length limit)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("a prompt is empty: give at least one token")
+        longest = max(map(len, prompts))
+        if longest + max_new_tokens > self.cfg.block_size:  # (the cache may be longer: positions are what count)
+            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of block_size={self.cfg.block_size} tokens")
         tokens, pad = self._pad(prompts)
-        if tokens.shape[1] + max_new_tokens > self.cfg.block_size:
-            raise ConfigError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                              f"the model's context of block_size={self.cfg.block_size} tokens")
         logits, cache = self._prefill(self.params, tokens, pad, cache_len=tokens.shape[1] + max_new_tokens)
         out, lengths, scores = jax.device_get(self._beams(
             self.params, cache, logits, tokens, pad, rules.traced(), jnp.float32(beams.length_penalty),
@@ -151,7 +159,9 @@ class Generator:
         while generated < max_new_tokens and not all(finished):
             n = min(self.cfg.block_size // 2, max_new_tokens - generated)
             contexts = [(p + o)[-(self.cfg.block_size - n):] for p, o in zip(prompts, news)]
-            out = self._generate(contexts, n, rules, jax.random.fold_in(jax.random.key(seed), round_), None, None)
+            # min_new_tokens counts from the first round; the penalties see this round's context.
+            round_rules = replace(rules, min_new_tokens=max(0, rules.min_new_tokens - generated))
+            out = self._generate(contexts, n, round_rules, jax.random.fold_in(jax.random.key(seed), round_), None, None)
             for r, ids in enumerate(out):
                 if not finished[r]:
                     news[r] += ids

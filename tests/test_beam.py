@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gpt.hf import from_hf  # noqa: E402
-from gpt.logits import Rules, no_repeat_ngram, repetition_penalty  # noqa: E402
+from gpt.logits import Rules, min_p_filter, no_repeat_ngram, repetition_penalty  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.sampling import Beams, Generator  # noqa: E402
 
@@ -100,7 +100,27 @@ def test_beams_with_the_processors_equal_transformers(hf_dir, k):
     ours = gen.beam_search([prompt], 20, rules, Beams(k, 1.0, "false", k))[0]
     assert [i for i, _ in ours] == rows
     np.testing.assert_allclose([s for _, s in ours], out.sequences_scores.tolist(), rtol=1e-5)
-    assert all(len(i) >= 5 for i in rows)  # min_new_tokens held end-of-text back
+    assert all(len(i) >= 5 for i, _ in ours)  # min_new_tokens held end-of-text back, which without it
+    free = gen.beam_search([prompt], 20, Rules(0.0, repetition_penalty=1.5, no_repeat_ngram_size=2),
+                           Beams(k, 1.0, "false", k))[0]
+    assert any(len(i) < 5 for i, _ in free)  # came sooner
+
+
+def test_scanned_layers_and_no_end_of_text_beam_alike(hf_dir):
+    """The cache reorder on a scanned model's cache (batch axis 1) gives the beams of the looped one; without an
+    end-of-text token (the byte tokenizer) a batch of prompts runs every hypothesis to the length limit."""
+    from dataclasses import replace
+
+    path, _ = hf_dir
+    cfg, params = from_hf(path)
+    scanned = Generator(replace(cfg, scan_layers=True), from_hf(path, scan_layers=True)[1], eot_token=EOT)
+    beams = Beams(3, 1.0, "false", 3)
+    looped = Generator(cfg, params, eot_token=EOT).beam_search(PROMPTS, 12, Rules(0.0), beams)
+    for a, b in zip(looped, scanned.beam_search(PROMPTS, 12, Rules(0.0), beams)):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5)
+    for hyps in Generator(cfg, params, eot_token=None).beam_search(PROMPTS, 12, Rules(0.0), beams):
+        assert [len(i) for i, _ in hyps] == [12, 12, 12]
 
 
 def test_k1_is_greedy_and_no_beam_runs_past_end_of_text(hf_dir):
@@ -158,3 +178,29 @@ def test_no_repeat_ngram_equals_transformers(n):
     np.testing.assert_array_equal(np.isneginf(np.asarray(ours)), np.isneginf(theirs))
     kept = ~np.isneginf(theirs)
     np.testing.assert_array_equal(np.asarray(ours)[kept], theirs[kept])
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 1.0])
+def test_min_p_equals_transformers(min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    scores = np.random.default_rng(1).normal(size=(4, 50)).astype(np.float32) * 2
+    theirs = MinPLogitsWarper(min_p)(None, torch.tensor(scores)).numpy()
+    ours = np.asarray(min_p_filter(jnp.asarray(scores), min_p))
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+
+
+def test_no_repeat_ngram_reads_only_the_rows_own_sequence():
+    """Each row's sequence in slots start[b] .. end - 1 of a longer history (left padding before, unwritten
+    slots after, both holding tokens that would match): the bans transformers makes on that sequence alone."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng = np.random.default_rng(5)
+    history = rng.integers(0, 4, (3, 30))
+    start, end = np.array([0, 4, 9]), 22
+    scores = rng.normal(size=(3, 4)).astype(np.float32)
+    ours = np.asarray(no_repeat_ngram(jnp.asarray(scores), jnp.asarray(history), jnp.asarray(start), end, 3))
+    for b in range(3):
+        theirs = NoRepeatNGramLogitsProcessor(3)(torch.tensor(history[b:b + 1, start[b]:end]),
+                                                 torch.tensor(scores[b:b + 1])).numpy()[0]
+        np.testing.assert_array_equal(np.isneginf(ours[b]), np.isneginf(theirs), err_msg=f"row {b}")

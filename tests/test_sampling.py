@@ -51,6 +51,15 @@ def test_cached_decode_logits_equal_full_recompute(model_params):
     check_cached_decode(CFG, params, lambda ids: full_logits(model, params, ids), 200)
 
 
+def test_min_p_draws_only_tokens_at_least_min_p_times_the_likeliest():
+    logits = jax.random.normal(jax.random.key(3), (1, 60)) * 2
+    probs = np.asarray(jax.nn.softmax(logits))[0]
+    keys = jax.random.split(jax.random.key(4), 3000)
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, Rules(1.0, min_p=0.2).traced()))(keys))[:, 0]
+    allowed = set(np.flatnonzero(probs >= 0.2 * probs.max()).tolist())
+    assert set(draws.tolist()) == allowed and len(allowed) > 1  # every allowed token drawn, no other
+
+
 def test_top_k_never_leaves_the_k_best():
     logits = jax.random.normal(jax.random.key(0), (4, 200)) * 3
     best = set()
