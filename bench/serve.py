@@ -14,7 +14,6 @@ failed (none should).
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -64,6 +63,7 @@ def client(url: str, body: dict, until: float, rng, results: list, errors: list)
                         tokens = event.get("usage", {}).get("completion_tokens", tokens)
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
+                time.sleep(0.1)  # no tight loop of failures
                 continue
             results.append((first, time.perf_counter() - t0, tokens))
 
@@ -81,13 +81,18 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(Path(directory) / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "gpt.serve", source, f"--port={port}",
-                               f"--max_batch={a.max_batch}", "--max_queue=1024"], cwd=REPO,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ})
+                               f"--max_batch={a.max_batch}", "--max_queue=1024"], cwd=REPO, stderr=log, stdout=log)
     try:
-        for line in server.stderr:
-            if "listening on" in line:
-                break
+        import httpx
+
+        while True:  # up once /health answers
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
         prompt = np.random.default_rng(0).integers(32, 127, 32).astype(np.uint8)  # 32 printable characters
         body = {"prompt": bytes(prompt).decode(), "max_tokens": a.max_tokens,
                 "temperature": 0.8, "stream": True}
@@ -103,8 +108,8 @@ def main() -> None:
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            first = np.array([r[0] for r in results if r[0] is not None])
-            total = np.array([r[1] for r in results])
+            first = np.array([r[0] for r in results if r[0] is not None] or [np.nan])
+            total = np.array([r[1] for r in results] or [np.nan])
             print(json.dumps({"bench": "serve", "model": a.model, "clients": n, "max_batch": a.max_batch,
                               "seconds": round(wall, 1), "requests": len(results), "failed": len(errors),
                               "requests_per_s": len(results) / wall,

@@ -15,7 +15,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from gpt.cli import run_train, sample_main
+from gpt.cli import run_sample, run_train
 from gpt.config import MeshConfig, ServeConfig
 from gpt.serve.api import create_app
 from gpt.serve.model import Served
@@ -49,7 +49,7 @@ def complete(client, **body):
 def test_a_completion_equals_sample_py(server, run_dir, capsys):
     served, client = server
     for knobs in ({"temperature": 0.0}, {"temperature": 0.9, "top_k": 20}, {"temperature": 1.0, "top_p": 0.8}):
-        code, out, _ = run_command(sample_main, [f"--out_dir={run_dir}", "--step=4", "--start=ROMEO:", "--num_samples=1",
+        code, out, _ = run_command(run_sample, [f"--out_dir={run_dir}", "--step=4", "--start=ROMEO:", "--num_samples=1",
                                                  "--max_new_tokens=24", "--seed=7", "--json=True",
                                                  *(f"--{k}={v}" for k, v in knobs.items())], capsys)
         assert code == 0
@@ -72,8 +72,8 @@ def stream_text(client, **body) -> tuple[str, list[dict]]:
 
 def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
     _, client = server
-    body = {"prompt": "JULIET:", "max_tokens": 40, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]}
-    text, events = stream_text(client, **body)
+    body = {"prompt": "JULIET:", "max_tokens": 24, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]}
+    text, events = stream_text(client, **body, stream_options={"include_usage": True})
     assert len(events) > 2 and events[-1]["usage"]["completion_tokens"] > 0  # streamed in pieces, usage last
     assert text == complete(client, **body)["choices"][0]["text"]
 
@@ -82,7 +82,7 @@ def test_concurrent_requests_each_get_what_they_would_get_alone(server):
     """8 requests at once (a batch of 4 slots: requests join as others leave), each with its own seed, knobs
     and stop string: each answer equals that request made alone, and stops where it should."""
     _, client = server
-    bodies = [{"prompt": p, "max_tokens": 16 + 4 * i, "temperature": 0.7 + 0.05 * i, "seed": i, "stop": s}
+    bodies = [{"prompt": p, "max_tokens": 12 + i, "temperature": 0.7 + 0.05 * i, "seed": i, "stop": s}
               for i, (p, s) in enumerate([("ROMEO:", "e"), ("KING:", " "), ("A", None), ("To be", "o"),
                                           ("HAMLET:", "\n"), ("First", "the"), ("Enter", None), ("O", "a")])]
     alone = [complete(client, **b)["choices"][0] for b in bodies]
@@ -114,6 +114,10 @@ def test_concurrent_requests_each_get_what_they_would_get_alone(server):
     ({"max_tokens": 4}, 400, "prompt"),
     ({"prompt": "x" * 30, "max_tokens": 8}, 400, "prompt"),  # 30 + 8 tokens > the context of 32
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": ["a", "b", "c"], "n": 3}, 400, "n"),  # 9 choices: more than the queue of 8 could ever hold
+    ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"prompt": [1, 2, 999]}, 400, "prompt"),  # token ids outside the vocabulary of 256
+    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(server, body, status, param):
     _, client = server
@@ -132,7 +136,8 @@ def test_too_many_requests_is_429_and_the_server_goes_on(server):
             "/v1/completions", json={"prompt": "A", "max_tokens": 4}).status_code)) for _ in range(8)]
         for t in threads:
             t.start()
-        while served.engine.waiting.qsize() < 8:
+        deadline = time.time() + 30
+        while served.engine.waiting.qsize() < 8 and time.time() < deadline:
             time.sleep(0.01)
         r = client.post("/v1/completions", json={"prompt": "A", "max_tokens": 4})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
@@ -142,13 +147,20 @@ def test_too_many_requests_is_429_and_the_server_goes_on(server):
     assert client.get("/health").json()["status"] == "ok"
 
 
-def test_a_client_that_disconnects_frees_its_slot(server):
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     served, client = server
-    with client.stream("POST", "/v1/completions", json={"prompt": "A", "max_tokens": 24, "stream": True}) as r:
-        next(r.iter_lines())  # the first event, then hang up
+    submitted = []
+    submit = served.engine.submit
+    monkeypatch.setattr(served.engine, "submit", lambda requests: (submitted.extend(requests), submit(requests)))
+    with served.engine.lock:  # hang up before it could have finished: one chunk of 8 tokens at most
+        r = client.stream("POST", "/v1/completions", json={"prompt": "A", "max_tokens": 30, "stream": True})
+        response = r.__enter__()
+    next(response.iter_lines())
+    r.__exit__(None, None, None)
     deadline = time.time() + 10
-    while served.engine.counts()["active"] and time.time() < deadline:
+    while submitted[0].finish is None and time.time() < deadline:
         time.sleep(0.05)
+    assert submitted[0].finish == "cancelled" and len(submitted[0].tokens) < 30
     assert served.engine.counts()["active"] == 0
 
 
@@ -163,16 +175,18 @@ def test_echo_with_logprobs_scores_the_prompt(server):
 
 
 def test_a_newer_checkpoint_is_picked_up(server, run_dir):
+    """(Runs last of the fixture's tests: the server then serves step 8.)"""
     served, client = server
     assert client.get("/v1/models").json()["data"][0]["step"] == 4  # started at step 4 of 8
-    before = complete(client, prompt="ROMEO:", max_tokens=16, temperature=0)["choices"][0]["text"]
+    score = lambda: complete(client, prompt="ROMEO: hello", max_tokens=0, echo=True,
+                             logprobs=1)["choices"][0]["logprobs"]["token_logprobs"]
+    before = score()
     assert client.post("/v1/reload").json() == {"step": 8, "reloaded": True}
-    assert client.get("/v1/models").json()["data"][0]["step"] == 8
     deadline = time.time() + 10  # taken between requests
-    while served.engine.pending_params is not None and time.time() < deadline:
+    while client.get("/v1/models").json()["data"][0]["step"] != 8 and time.time() < deadline:
         time.sleep(0.05)
-    after = complete(client, prompt="ROMEO:", max_tokens=16, temperature=0)["choices"][0]["text"]
-    assert after != before
+    assert client.get("/v1/models").json()["data"][0]["step"] == 8
+    assert score() != before  # other parameters score the same text otherwise
     assert client.post("/v1/reload").json() == {"step": 8, "reloaded": False}
 
 
@@ -183,42 +197,52 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_page_streams_a_completion_in_a_real_browser(run_dir):
-    """python -m gpt.serve in a subprocess; headless Chromium (Debian's, driven by Selenium) types a prompt,
-    presses Generate, and sees the streamed completion appear."""
+def test_the_page_streams_a_completion_in_a_real_browser(run_dir, tmp_path):
+    """python -m gpt.serve in a subprocess; Debian's headless Chromium, driven by Selenium, types a prompt,
+    presses Generate and sees the streamed completion: the same text the API answers for the same request."""
+    import httpx
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
+    log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "gpt.serve", f"--out_dir={run_dir}", f"--port={port}",
-                               "--reload_interval=0"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                               "--reload_interval=0"], cwd=REPO, stderr=log, stdout=log)
+    url = f"http://127.0.0.1:{port}"
     try:
-        for line in server.stderr:  # wait until it listens
-            if "listening on" in line:
-                break
+        deadline = time.time() + 120
+        while time.time() < deadline:  # up once /health answers (compilation happens before it listens)
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run"):
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run"):
             options.add_argument(flag)
         driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
         try:
-            driver.get(f"http://127.0.0.1:{port}/")
+            driver.get(f"{url}/")
             prompt = driver.find_element(By.ID, "prompt")
             prompt.clear()
             prompt.send_keys("KING:")
             driver.find_element(By.ID, "max_tokens").clear()
-            driver.find_element(By.ID, "max_tokens").send_keys("40")
+            driver.find_element(By.ID, "max_tokens").send_keys("24")
             driver.find_element(By.ID, "go").click()
-            wait = WebDriverWait(driver, 60)
-            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
-            completion = driver.find_element(By.ID, "completion").text
-            assert driver.find_element(By.ID, "prompt-echo").text == "KING:"
-            assert driver.find_element(By.ID, "status").text == "done: 40 tokens" and completion.strip()
+            WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+            text = driver.execute_script("return document.getElementById('completion').textContent")
+            assert driver.find_element(By.ID, "status").text == "done: 24 tokens"
         finally:
             driver.quit()
+        # The page's knobs by default: temperature 0.8, top_k 0, top_p 1, seed 1337.
+        expected = httpx.post(f"{url}/v1/completions", json={"prompt": "KING:", "max_tokens": 24, "temperature": 0.8,
+                                                             "seed": 1337}).json()["choices"][0]["text"]
+        assert text == expected and len(text) > 0
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()

@@ -32,17 +32,22 @@ from gpt.serve.engine import TOP_LOGPROBS, Request
 from gpt.serve.model import Served
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """OpenAI's completion request, less what this server cannot honour (an unknown field is refused, not
     ignored), plus top_k and min_p."""
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (lm-eval's local-completions)
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, lt=2**31)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
@@ -51,6 +56,13 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
     echo: bool = False
     user: str | None = None
+    stream_options: StreamOptions | None = None
+    # What OpenAI clients send by default, accepted at the values that change nothing.
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    best_of: int | None = Field(None, ge=1, le=1)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    suffix: str | None = Field(None, max_length=0)
 
 
 def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -94,19 +106,34 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/reload")
     async def reload():
-        step, reloaded = await asyncio.to_thread(served.reload)
+        try:
+            step, reloaded = await asyncio.to_thread(served.reload)
+        except Exception as e:  # a checkpoint rotated away mid-read, a full disk: say so, serve on
+            return error(503, f"reload failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                         None, "server_error")
         return {"step": step, "reloaded": reloaded}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or any(not p for p in prompts):
-            return error(400, "prompt: give a non-empty string or a list of them", "prompt")
+        tok, block = served.tokenizer, served.cfg.block_size
+        if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
+            prompts = [body.prompt]
+        else:
+            prompts = body.prompt
+        if not prompts or any(len(p) == 0 for p in prompts):
+            return error(400, "prompt: give a non-empty string (or token ids), or a list of them", "prompt")
+        encoded = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if any(not 0 <= i < served.cfg.vocab_size for ids in encoded for i in ids):
+            return error(400, f"prompt: token ids must be in [0, {served.cfg.vocab_size})", "prompt")
+        prompts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        if body.stream and body.logprobs is not None:
+            return error(400, "logprobs: not available with stream=true here; ask without streaming", "logprobs")
+        if len(prompts) * body.n > served.engine.max_queue:
+            return error(400, f"n: {len(prompts)} prompts x n={body.n} choices exceed the server's queue of "
+                              f"{served.engine.max_queue}", "n")
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             return error(400, "stop: at most 4 non-empty strings", "stop")
-        tok, block = served.tokenizer, served.cfg.block_size
-        encoded = [tok.encode(p) for p in prompts]
         for ids in encoded:
             if len(ids) + body.max_tokens > block:
                 return error(400, f"prompt: {len(ids)} tokens + max_tokens {body.max_tokens} exceed the model's context "
@@ -124,42 +151,47 @@ def create_app(served: Served) -> FastAPI:
                                       stop=served.stop_rule(stops))
                 choices.append(Choice(p * body.n + j, prompt, ids, request))
         try:
-            for c in choices:
-                if c.request is not None:
-                    served.engine.submit(c.request)
+            served.engine.submit([c.request for c in choices if c.request is not None])
         except queue.Full:
-            for c in choices:
-                if c.request is not None:
-                    c.request.cancelled.set()
             return error(429, "too many requests at once: the decode batch and its queue are full; retry later",
                          None, "rate_limit_exceeded")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.name}
         running = {id(c.request): c for c in choices if c.request is not None}
 
-        def finished_choice(c: Choice) -> dict:
+        def finished_choice(c: Choice, logprobs) -> dict:
             text = served.visible(c.request.tokens if c.request else [], stops)
-            return {"text": (c.prompt if body.echo else "") + text, "index": c.index,
-                    "logprobs": served.logprobs(c, body) if body.logprobs is not None else None,
+            return {"text": (c.prompt if body.echo else "") + text, "index": c.index, "logprobs": logprobs,
                     "finish_reason": (c.request.finish if c.request else "length")}
 
         def usage() -> dict:
             completion = sum(len(c.request.tokens) for c in choices if c.request)
-            prompt = sum(len(c.prompt_ids) for c in choices)
+            prompt = sum(map(len, encoded))  # each prompt once, however many choices it has (as OpenAI counts)
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+        def cancel_all():
+            for c in choices:
+                if c.request is not None and c.request.finish is None:
+                    c.request.cancelled.set()
+
         if not body.stream:
-            try:
-                while running:
-                    request = await updates.get()
-                    if request.finish is not None:
-                        running.pop(id(request), None)
-            except asyncio.CancelledError:  # the client went away
-                for c in choices:
-                    if c.request is not None:
-                        c.request.cancelled.set()
-                raise
-            return {**head, "choices": [finished_choice(c) for c in choices], "usage": usage()}
+            while running:  # plain handlers are not cancelled when the client goes: look every half second
+                try:
+                    request = await asyncio.wait_for(updates.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        cancel_all()
+                        return error(499, "the client closed the connection", None)
+                    continue
+                if request.finish is not None:
+                    running.pop(id(request), None)
+            if any(c.request is not None and c.request.finish == "error" for c in choices):
+                return error(500, "decoding failed on the server (its log says why); the server goes on", None,
+                             "server_error")
+            logprobs = [await asyncio.to_thread(served.logprobs, c, body) if body.logprobs is not None else None
+                        for c in choices]  # a forward pass for echo: off the event loop
+            return {**head, "choices": [finished_choice(c, lp) for c, lp in zip(choices, logprobs)],
+                    "usage": usage()}
 
         async def events():
             try:
@@ -169,7 +201,7 @@ def create_app(served: Served) -> FastAPI:
                                                          "finish_reason": None}]})
                 for c in choices:
                     if c.request is None:
-                        yield _sse({**head, "choices": [finished_choice(c) | {"text": ""}]})
+                        yield _sse({**head, "choices": [finished_choice(c, None) | {"text": ""}]})
                 while running:
                     request = await updates.get()
                     c = running.get(id(request))
@@ -183,13 +215,12 @@ def create_app(served: Served) -> FastAPI:
                         yield _sse({**head, "choices": [{"text": delta, "index": c.index, "logprobs": None,
                                                          "finish_reason": request.finish}]})
                     if await http.is_disconnected():
-                        raise asyncio.CancelledError
-                yield _sse({**head, "choices": [], "usage": usage()})
+                        return  # (the finally below frees the slots)
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:  # the client disconnected (or the stream ended): free the slots
-                for c in choices:
-                    if c.request is not None and c.request.finish is None:
-                        c.request.cancelled.set()
+                cancel_all()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -66,16 +66,20 @@ class Engine:
         self.generator = Generator(cfg, params, eot)
         self.params = params
         self.slots: list[Request | None] = [None] * max_batch
-        self.waiting: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.waiting: queue.Queue = queue.Queue()
+        self.max_queue = max_queue
+        self._submit_lock = threading.Lock()
         self.lock = threading.Lock()  # held while a chunk runs: reload swaps parameters between chunks
         self.pending_params = None
-        self.length = cfg.block_size  # every slot's cache holds a whole context
+        # A slot holds a whole context plus the most left-padding a prompt bucket adds (under half a context), so
+        # a prompt of n tokens has room for block_size - n new ones, as in sample.py.
+        self.length = cfg.block_size + max(min(bucket(n), cfg.block_size) - n for n in range(1, cfg.block_size + 1))
         b = max_batch
         self.cache = init_cache(cfg, b, self.length)
         self.logits = jnp.zeros((b, cfg.padded_vocab_size), jnp.float32)
         self.state = {"index": np.zeros(b, np.int32), "pad": np.zeros(b, np.int32), "t": np.zeros(b, np.int32),
                       "limit": np.zeros(b, np.int32), "active": np.zeros(b, bool),
-                      "keys": np.zeros((b, 2), np.uint32), "temperature": np.zeros(b, np.float32),
+                      "keys": np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32), "temperature": np.zeros(b, np.float32),
                       "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
         batch_axis = 1 if cfg.scan_layers else 0
         self._insert = jax.jit(lambda cache, logits, row_cache, row_logits, slot: (
@@ -85,6 +89,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, daemon=True, name="decode-engine")
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._started = False
+        self.on_swap: Callable[[], None] = lambda: None  # called (engine thread) when new parameters are taken
 
     # -- compiled pieces --------------------------------------------------------------------------------------
     def _decode_fn(self, params, cache, logits, s: dict):
@@ -107,7 +113,7 @@ class Engine:
             new, cache = self.generator._step(params, jnp.where(active, token, 0), index - s["pad"],
                                               mask[:, None, None, :], cache, jnp.minimum(index, self.length - 1))
             index, t = index + active, t + active
-            ended = (t >= s["limit"]) | (index >= self.length)
+            ended = (t >= s["limit"]) | (index - s["pad"] >= self.cfg.block_size)  # the context is full
             if self.eot is not None:
                 ended = ended | (token == self.eot)
             return cache, new, index, t, active & ~ended, out
@@ -132,6 +138,7 @@ class Engine:
         return time.perf_counter() - t0
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     def close(self) -> None:
@@ -139,40 +146,59 @@ class Engine:
         self._wake.set()
         self._thread.join()
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; queue.Full when max_queue are already waiting (the caller answers 429)."""
-        self.waiting.put_nowait(request)
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests, all or none: queue.Full when they do not fit beside those already waiting (the caller
+        answers 429)."""
+        with self._submit_lock:
+            if self.waiting.qsize() + len(requests) > self.max_queue:
+                raise queue.Full
+            for request in requests:
+                self.waiting.put_nowait(request)
         self._wake.set()
 
     def counts(self) -> dict:
         return {"active": sum(r is not None for r in self.slots), "queued": self.waiting.qsize(),
-                "max_batch": self.max_batch}
+                "max_batch": self.max_batch, "alive": self._thread.is_alive() or not self._started}
 
-    def swap_params(self, params) -> None:
-        """New parameters, taken when no request is decoding (requests in flight finish on the old ones)."""
-        self.pending_params = params
+    def swap_params(self, params, on_swap: Callable[[], None] = lambda: None) -> None:
+        """New parameters, taken when no request is decoding (requests in flight finish on the old ones; new
+        ones wait meanwhile); on_swap() runs when they are."""
+        self.pending_params, self.on_swap = params, on_swap
         self._wake.set()
 
     def _admit(self) -> None:
         for slot in range(self.max_batch):
-            if self.slots[slot] is not None or self.pending_params is not None:
-                continue
-            try:
-                request = self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            if request.cancelled.is_set():
-                continue
-            tokens, pad = self.generator._pad([request.prompt])
-            logits, row = self.generator._prefill(self.params, tokens, pad, cache_len=self.length)
-            self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, slot)
-            key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
-            s = self.state
-            s["index"][slot], s["pad"][slot], s["t"][slot] = tokens.shape[1], pad[0], 0
-            s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
-            s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
-            s["top_p"][slot], s["min_p"][slot] = request.top_p, request.min_p
-            self.slots[slot] = request
+            while self.slots[slot] is None and self.pending_params is None:
+                try:
+                    request = self.waiting.get_nowait()
+                except queue.Empty:
+                    return
+                if request.cancelled.is_set():
+                    continue
+                try:
+                    self._prefill_into(slot, request)
+                except Exception as e:  # this request fails alone; the engine and the others go on
+                    self._fail(request, e)
+
+    def _prefill_into(self, slot: int, request: Request) -> None:
+        tokens, pad = self.generator._pad([request.prompt])
+        logits, row = self.generator._prefill(self.params, tokens, pad, cache_len=self.length)
+        self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, slot)
+        key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+        s = self.state
+        s["index"][slot], s["pad"][slot], s["t"][slot] = tokens.shape[1], pad[0], 0
+        s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
+        s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
+        s["top_p"][slot], s["min_p"][slot] = request.top_p, request.min_p
+        self.slots[slot] = request
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        self.log(f"warning: a request failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
+        request.finish = "error"
+        try:
+            request.emit(request)
+        except Exception:
+            pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -180,10 +206,17 @@ class Engine:
                 if self.pending_params is not None and not any(self.slots):  # drained: take the new parameters
                     self.params = self.generator.params = self.pending_params
                     self.pending_params = None
+                    self.on_swap()
                 self._admit()
                 busy = any(self.slots)
                 if busy:
-                    self._chunk()
+                    try:
+                        self._chunk()
+                    except Exception as e:  # the compiled step itself failed: fail what is in flight, go on
+                        for slot, request in enumerate(self.slots):
+                            if request is not None:
+                                self._fail(request, e)
+                                self.slots[slot], self.state["active"][slot] = None, False
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -191,7 +224,7 @@ class Engine:
     def _chunk(self) -> None:
         s = self.state
         self.cache, self.logits, out, index, t, active = self._decode(self.params, self.cache, self.logits, s)
-        tokens, chosen, top_id, top_lp = jax.device_get(out)
+        (tokens, chosen, top_id, top_lp), index, t, active = jax.device_get((out, index, t, active))
         s["index"], s["t"], s["active"] = np.array(index), np.array(t), np.array(active)
         for slot, request in enumerate(self.slots):
             if request is None:
@@ -201,7 +234,12 @@ class Engine:
             if request.logprobs >= 0:
                 request.steps += [(int(tokens[slot, i]), float(chosen[slot, i]),
                                    list(zip(top_id[slot, i].tolist(), top_lp[slot, i].tolist()))) for i in range(n)]
-            keep = request.stop(request.tokens)
+            try:
+                keep = request.stop(request.tokens)
+            except Exception as e:
+                self._fail(request, e)
+                self.slots[slot], s["active"][slot] = None, False
+                continue
             if keep is not None:
                 request.tokens, request.steps, request.finish = request.tokens[:keep], request.steps[:keep], "stop"
             elif self.eot is not None and request.tokens and request.tokens[-1] == self.eot:

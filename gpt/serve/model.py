@@ -28,6 +28,8 @@ class Served:
         self.engine = Engine(self.cfg, params, self.tokenizer.eot_token, s.max_batch, s.max_queue, log)
         self._score = jax.jit(lambda p, ids: GPT(self.cfg).apply({"params": p}, ids)[0])
         self._reload_lock = threading.Lock()
+        self.rejected: set[int] = set()  # checkpoint steps of another model: not loaded again
+        self.pending_step: int | None = None  # loaded, waiting for the requests in flight to finish
         self.loaded_at = int(time.time())
 
     @staticmethod
@@ -49,16 +51,21 @@ class Served:
             manager = checkpoint.make_manager(self.s.out_dir, read_only=True)
             steps = manager.all_steps()
             manager.close()
-            if not steps or (self.step is not None and max(steps) <= self.step):
+            newest = max(steps, default=None)
+            if newest is None or newest in self.rejected or newest == self.pending_step or \
+                    (self.step is not None and newest <= self.step):
                 return self.step, False
-            cfg, params, _, step = checkpoint.load_params(self.s.out_dir, max(steps), self.mesh)
+            cfg, params, _, step = checkpoint.load_params(self.s.out_dir, newest, self.mesh)
             if cfg != self.cfg:
-                self.log(f"warning: step {step} of {self.s.out_dir} is another model ({cfg}); still serving "
-                         f"step {self.step}")
+                self.rejected.add(newest)
+                self.log(f"warning: step {step} of {self.s.out_dir} is another model; still serving step {self.step}")
                 return self.step, False
-            self.engine.swap_params(params)
-            self.step, self.source = step, f"{self.s.out_dir} step {step}"
-            self.log(f"serving {self.source}")
+            def swapped():  # what /v1/models reports changes when the engine takes the new parameters
+                self.step, self.source, self.pending_step = step, f"{self.s.out_dir} step {step}", None
+                self.log(f"serving {self.source}")
+
+            self.pending_step = step
+            self.engine.swap_params(params, swapped)
             return step, True
 
     def watch(self) -> None:
@@ -86,9 +93,10 @@ class Served:
         return stop
 
     def visible(self, ids: list[int], stops: list[str], hold: bool = False) -> str:
-        """The text of ids up to a stop string; with hold (the choice still runs), less what might still turn
-        into a stop string or a character whose bytes are not all out yet."""
-        text = self.tokenizer.decode(ids)
+        """The text of ids (less a final end-of-text) up to a stop string; with hold (the choice still runs),
+        less what might still turn into a stop string or a character whose bytes are not all out yet."""
+        eot = self.tokenizer.eot_token
+        text = self.tokenizer.decode(ids[:-1] if ids and eot is not None and ids[-1] == eot else ids)
         for s in stops:
             if s in text:
                 text = text[: text.index(s)]
@@ -125,7 +133,7 @@ class Served:
         logits = self._score(self.engine.params, padded)[0, : len(ids) - 1, : self.cfg.vocab_size]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         top_lp, top_id = jax.device_get(jax.lax.top_k(logp, max(k, 1)))
-        chosen = np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=1)[:, 0])
+        chosen = np.asarray(jnp.take_along_axis(logp, jnp.asarray(np.asarray(ids[1:], np.int32))[:, None], axis=1)[:, 0])
         return [(ids[0], None, [])] + [(ids[i + 1], float(chosen[i]), list(zip(top_id[i, :k].tolist(),
                                                                                top_lp[i, :k].tolist())))
                                        for i in range(len(ids) - 1)]
