@@ -4,7 +4,6 @@ of bad request its 4xx, a disconnected client's slot freed, a newer checkpoint p
 in a real headless Chromium."""
 
 import json
-import os
 import queue
 import socket
 import subprocess
