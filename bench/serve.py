@@ -94,7 +94,7 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.5)
         prompt = np.random.default_rng(0).integers(32, 127, 32).astype(np.uint8)  # 32 printable characters
-        body = {"prompt": bytes(prompt).decode(), "max_tokens": a.max_tokens,
+        body = {"prompt": bytes(prompt).decode(), "max_tokens": a.max_tokens, "stream_options": {"include_usage": True},
                 "temperature": 0.8, "stream": True}
         for n in map(int, a.clients.split(",")):
             results, errors = [], []
