@@ -33,6 +33,11 @@ class Rules:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
 
+    @property
+    def processing(self) -> bool:
+        """Whether any processor (step 1) is on: sampling compiles them into its loop only then."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
+
     def traced(self) -> tuple:
         """The rules that enter the compiled loop as values (changing them does not recompile)."""
         return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p),

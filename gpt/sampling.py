@@ -53,7 +53,8 @@ class Generator:
         self.cfg, self.params, self.eot = cfg, params, eot_token
         self.model = GPT(cfg)
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len")
-        self._decode = jax.jit(self._decode_fn, static_argnames=("steps", "ngram"), donate_argnames="carry")
+        self._decode = jax.jit(self._decode_fn, static_argnames=("steps", "ngram", "processing"),
+                               donate_argnames="carry")
         self._beams = jax.jit(self._beam_fn, static_argnames=("num_beams", "max_new", "early_stopping", "ngram"))
 
     def _prefill_fn(self, params, tokens, pad, cache_len: int):
@@ -73,7 +74,7 @@ class Generator:
         logits, cache = self.model.apply({"params": params}, token_N[:, None], position_N[:, None], mask, cache, index)
         return logits[:, -1], cache
 
-    def _decode_fn(self, params, carry, tokens, pad, key, rules: tuple, steps: int, ngram: int):
+    def _decode_fn(self, params, carry, tokens, pad, key, rules: tuple, steps: int, ngram: int, processing: bool):
         """Sample up to `steps` more tokens, each fed back through the cache. carry = (t, cache, logits, out,
         done): out [B, max_new] collects the tokens; a row is done at end-of-text (or when the host says).
         tokens [B, L]: the left-padded prompts, which the processors read with the new tokens."""
@@ -84,8 +85,9 @@ class Generator:
 
         def body(carry):
             t, cache, logits, out, done = carry
-            history = jnp.concatenate([tokens, out], axis=1)
-            logits = process(logits, history, pad, length + t, t, rules, ngram, self.eot)
+            if processing:  # static: with every processor off, the loop compiles without them
+                history = jnp.concatenate([tokens, out], axis=1)
+                logits = process(logits, history, pad, length + t, t, rules, ngram, self.eot)
             token = sample_logits(logits, jax.random.fold_in(key, t), rules)
             token = jnp.where(done, 0, token)
             out = out.at[:, t].set(token)
@@ -192,7 +194,7 @@ class Generator:
         cut: dict[int, int] = {}
         while True:
             carry = self._decode(self.params, carry, tokens, pad, key, rules.traced(), steps=self.CHUNK,
-                                 ngram=rules.no_repeat_ngram_size)
+                                 ngram=rules.no_repeat_ngram_size, processing=rules.processing)
             t = int(carry[0])
             rows, done = np.asarray(carry[3][:, :t]).tolist(), np.array(carry[4])
             for r, ids in enumerate(rows):
