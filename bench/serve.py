@@ -14,6 +14,7 @@ failed (none should).
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -88,11 +89,14 @@ def main() -> None:
         import httpx
 
         while True:  # up once /health answers
+            if server.poll() is not None:
+                sys.exit(f"the server exited ({server.returncode}): {(Path(directory) / 'server.log').read_text()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
+        compiled = re.search(r"compiled the prefill .* in ([\d.]+)s", (Path(directory) / "server.log").read_text())
         prompt = np.random.default_rng(0).integers(32, 127, 32).astype(np.uint8)  # 32 printable characters
         body = {"prompt": bytes(prompt).decode(), "max_tokens": a.max_tokens, "stream_options": {"include_usage": True},
                 "temperature": 0.8, "stream": True}
@@ -111,7 +115,7 @@ def main() -> None:
             first = np.array([r[0] for r in results if r[0] is not None] or [np.nan])
             total = np.array([r[1] for r in results] or [np.nan])
             print(json.dumps({"bench": "serve", "model": a.model, "clients": n, "max_batch": a.max_batch,
-                              "seconds": round(wall, 1), "requests": len(results), "failed": len(errors),
+                              "seconds": round(wall, 1), "compile_s": float(compiled[1]) if compiled else None, "requests": len(results), "failed": len(errors),
                               "requests_per_s": len(results) / wall,
                               "tokens_per_s": sum(r[2] for r in results) / wall,
                               "first_token_ms_p50": 1e3 * float(np.percentile(first, 50)),

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from gpt.cli import run_sample, run_train
 from gpt.config import MeshConfig, ServeConfig
 from gpt.serve.api import create_app
+from gpt.serve.engine import Engine, Request
 from gpt.serve.model import Served
 from tests.helpers import REPO, TINY, run_command
 
@@ -32,7 +33,7 @@ def run_dir(tmp_path_factory, data_dir):
 def server(run_dir):
     served = Served(ServeConfig(out_dir=str(run_dir), step=4, max_batch=4, max_queue=8, reload_interval=0),
                     MeshConfig(), log=lambda text: None)
-    served.engine.warm_up()
+    served.engine.warm_up(served.engine.shapes())  # every decode shape: which one runs never depends on timing
     served.engine.start()
     with TestClient(create_app(served)) as client:
         yield served, client
@@ -69,6 +70,35 @@ def stream_text(client, **body) -> tuple[str, list[dict]]:
     return text, events
 
 
+def test_a_shape_not_compiled_yet_is_served_at_a_larger_one_and_compiled_in_the_background(server):
+    served, _ = server
+    logs = []
+    engine = Engine(served.cfg, served.engine.params, served.tokenizer.eot_token, max_batch=4, max_queue=8,
+                    log=logs.append)
+    engine.warm_up()
+    assert list(engine.compiled) == [(4, engine.length)]  # only the largest shape
+    engine.start()
+
+    def answer() -> list[int]:
+        done = threading.Event()
+        request = Request(served.tokenizer.encode("ROMEO:"), 16, 0.8, 0, 1.0, 0.0, seed=5, logprobs=-1,
+                          emit=lambda r: r.finish and done.set())
+        engine.submit([request])
+        assert done.wait(60) and request.finish == "length"
+        return request.tokens
+
+    try:
+        first = answer()  # at 4 rows: one is wanted
+        deadline = time.time() + 60
+        while (1, engine.length) not in engine.compiled and time.time() < deadline:
+            time.sleep(0.05)
+        assert (1, engine.length) in engine.compiled
+        assert any(line.startswith(f"compiled the decode chunk for 1 rows over {engine.length}") for line in logs)
+        assert answer() == first  # at 1 row now
+    finally:
+        engine.close()
+
+
 def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
     _, client = server
     body = {"prompt": "JULIET:", "max_tokens": 24, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]}
@@ -77,11 +107,14 @@ def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
     assert text == complete(client, **body)["choices"][0]["text"]
 
 
-def test_concurrent_requests_each_get_what_they_would_get_alone(server):
+def test_concurrent_requests_each_get_what_they_would_get_alone(server, monkeypatch):
     """8 requests at once (a batch of 4 slots: requests join as others leave), each with its own seed, knobs
-    and stop string: each answer equals that request made alone, and stops where it should."""
-    _, client = server
-    bodies = [{"prompt": p, "max_tokens": 12 + i, "temperature": 0.7 + 0.05 * i, "seed": i}
+    and stop string: each answer equals that request made alone (batch mates that turn the top-k, top-p,
+    min-p filters, greedy decoding or log-probabilities on or off change nothing), and stops where it should."""
+    served, client = server
+    knobs = [{}, {"top_k": 20}, {"top_p": 0.8}, {"temperature": 0.0}, {"min_p": 0.05}, {"logprobs": 2},
+             {"top_k": 5, "top_p": 0.9}, {}]
+    bodies = [{"prompt": p, "max_tokens": 12 + i, "temperature": 0.7 + 0.05 * i, "seed": i, **knobs[i]}
               for i, p in enumerate(["ROMEO:", "KING:", "A", "To be", "HAMLET:", "First", "Enter", "O"])]
     for i, body in enumerate(bodies[::2]):  # every other request stops at a string its own answer holds
         text = complete(client, **body)["choices"][0]["text"]
@@ -92,13 +125,25 @@ def test_concurrent_requests_each_get_what_they_would_get_alone(server):
     def ask(i):
         answers[i] = complete(client, **bodies[i])["choices"][0]
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
+    batched = []  # the requests in flight at each chunk
+    chunk = served.engine._chunk
+    monkeypatch.setattr(served.engine, "_chunk", lambda: (batched.append(sum(map(bool, served.engine.slots))), chunk()))
+    with served.engine.lock:  # all 8 wait in the queue, then join the batch as slots free
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while served.engine.waiting.qsize() < len(bodies) and time.time() < deadline:
+            time.sleep(0.01)
     for t in threads:
         t.join()
+    assert max(batched) == served.engine.max_batch
     for body, answer, single in zip(bodies, answers, alone):
         assert answer["text"] == single["text"] and answer["finish_reason"] == single["finish_reason"]
+        if "logprobs" in body:  # the same tokens and alternatives; values to float rounding (another batch shape)
+            got, want = answer["logprobs"], single["logprobs"]
+            assert got["tokens"] == want["tokens"] and got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-4)
+            assert [list(d) for d in got["top_logprobs"]] == [list(d) for d in want["top_logprobs"]]
         if "stop" in body:
             assert body["stop"] not in answer["text"] and answer["finish_reason"] == "stop"
         else:

@@ -1,6 +1,7 @@
 """python -m gpt.serve --out_dir=DIR [--init_from=HF_DIR] [--host=127.0.0.1] [--port=8000] [--max_batch=8] ...
 
-Loads the parameters once, compiles the prefill buckets and the decode chunk (logged), and serves the API of
+Loads the parameters once, compiles the prefill buckets and the largest decode chunk (logged; smaller ones compile
+in the background when first wanted), and serves the API of
 gpt/serve/api.py with uvicorn until Ctrl-C."""
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def main(argv: list[str]) -> int:
         log = lambda text: print(text, file=sys.stderr, flush=True)
         served = Served(args.serve, args.mesh, log)
         log(f"serving {served.source} as {served.name!r}: compiling ...")
-        log(f"compiled the prefill buckets and the decode chunk in {served.engine.warm_up():.1f}s")
+        engine = served.engine
+        log(f"compiled the prefill buckets and the decode chunk for {engine.max_batch} rows over {engine.length} "
+            f"cache slots in {engine.warm_up():.1f}s (the smaller shapes compile in the background when wanted)")
         served.engine.start()
         served.watch()
         s = args.serve

@@ -1,8 +1,10 @@
 """Continuous batching: one KV cache of max_batch slots that requests join and leave at chunk boundaries.
 
-A request is prefilled on its own (the same jitted, bucketed prefill as sample.py) into a free slot; then every
-active slot decodes CHUNK tokens per jitted call, each at its own cache position (the model writes a [B] vector
-of cache indices). Between chunks the engine thread hands each request its new tokens, ends those at
+A request is prefilled on its own (the same jitted, bucketed prefill as sample.py) into a free slot; then the
+slots in use decode CHUNK tokens per jitted call, each at its own cache position (the model writes a [B] vector
+of cache indices). A call reads only the rows up to the last slot in use and the cache slots the requests in
+flight can reach, rounded up to powers of two: its cost follows the requests, not the cache's size (a whole
+context per slot). Between chunks the engine thread hands each request its new tokens, ends those at
 end-of-text, their max_tokens, a stop string or a disconnected client, and fills the freed slots from the
 queue: a finished request never waits for the others. Each row samples with its own key (the request's seed,
 folded with the row's own token count) and its own rules, computed as for one row alone, so a request's
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt.logits import sample_logits
+from gpt.logits import filter_logits, min_p_filter
 from gpt.model import init_cache
 from gpt.sampling import Generator, bucket
 
@@ -50,16 +52,58 @@ class Request:
     finish: str | None = None
 
 
-def _sample_row(logits_V, key, t, temperature, top_k, top_p, min_p):
-    """One row's next token exactly as Generator samples a batch of one: the same rules, key fold_in(key, t)."""
-    rules = (temperature, top_k, top_p, min_p, jnp.float32(1.0), jnp.int32(0))
-    return sample_logits(logits_V[None], jax.random.fold_in(key, t), rules)[0]
+def sample_rows(logits_BV, keys_B, t_B, s: dict, active_B):
+    """Each row's next token exactly as Generator samples a batch of one with that row's rules and the key
+    fold_in(key, t). A filter runs (under a batch-wide lax.cond: vmapped, a per-row cond would compute both
+    branches for every row) only when an active row asks for it; on the rows that did not, it changes nothing."""
+    temperature, top_k, top_p, min_p = s["temperature"], s["top_k"], s["top_p"], s["min_p"]
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sample(logits_BV):
+        filtered_BV = jax.lax.cond(
+            jnp.any(active_B & ((top_k > 0) | (top_p < 1))),
+            lambda l: jax.vmap(filter_logits)(l, temperature, top_k, top_p),
+            lambda l: l / jnp.maximum(temperature, 1e-6)[:, None], logits_BV)
+        filtered_BV = jax.lax.cond(jnp.any(active_B & (min_p > 0)), jax.vmap(min_p_filter),
+                                   lambda l, _: l, filtered_BV, min_p)
+        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, t_B)
+        return jax.vmap(lambda k, l: jax.random.categorical(k, l[None])[0].astype(jnp.int32))(step_keys_B, filtered_BV)
+
+    sampled_B = jax.lax.cond(jnp.any(active_B & (temperature > 0)), sample, lambda _: greedy_B, logits_BV)
+    return jnp.where(temperature == 0, greedy_B, sampled_B)
+
+
+def power_of_two(n: int) -> int:
+    """The least power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+def window(cache, rows: int, span: int, batch_axis: int):
+    """The first `rows` rows and `span` sequence slots of every cache array (the sequence axis follows the batch
+    and head axes)."""
+    def cut(c):
+        limits = list(c.shape)
+        limits[batch_axis], limits[batch_axis + 2] = rows, span
+        return jax.lax.slice(c, (0,) * c.ndim, limits)
+
+    return jax.tree.map(cut, cache)
+
+
+def put(cache, part, row: int | jax.Array, batch_axis: int):
+    """part written into cache from row `row`, sequence slot 0."""
+    def write(c, p):
+        start = [0] * c.ndim
+        start[batch_axis] = row
+        return jax.lax.dynamic_update_slice(c, p, start)
+
+    return jax.tree.map(write, cache, part)
 
 
 class Engine:
     """The decode batch and the thread that runs it; submit() from any thread."""
 
     CHUNK = 8  # tokens per decode call: how often requests can join, leave and stream
+    MIN_SPAN = 64  # below this many cache slots, attention costs little beside reading the weights
 
     def __init__(self, cfg, params, eot: int | None, max_batch: int, max_queue: int, log=print):
         self.cfg, self.eot, self.max_batch, self.log = cfg, eot, max_batch, log
@@ -78,14 +122,20 @@ class Engine:
         self.cache = init_cache(cfg, b, self.length)
         self.logits = jnp.zeros((b, cfg.padded_vocab_size), jnp.float32)
         self.state = {"index": np.zeros(b, np.int32), "pad": np.zeros(b, np.int32), "t": np.zeros(b, np.int32),
-                      "limit": np.zeros(b, np.int32), "active": np.zeros(b, bool),
-                      "keys": np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32), "temperature": np.zeros(b, np.float32),
-                      "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
-        batch_axis = 1 if cfg.scan_layers else 0
-        self._insert = jax.jit(lambda cache, logits, row_cache, row_logits, slot: (
-            jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, batch_axis), cache, row_cache),
-            logits.at[slot].set(row_logits[0])), donate_argnums=(0, 1))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
+                      "limit": np.zeros(b, np.int32), "active": np.zeros(b, bool), "logprobs": np.zeros(b, bool),
+                      "keys": np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32),
+                      "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
+                      "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
+        self.batch_axis = 1 if cfg.scan_layers else 0
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames=("rows", "span"))
+        self.compiled: dict[tuple[int, int], Callable] = {}  # the decode chunk by (rows, span)
+        self._to_compile: queue.Queue = queue.Queue()  # shapes wanted and not compiled yet
+        self._asked: set[tuple[int, int]] = set()
+        self._compiled_lock = threading.Lock()
+        self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      (params, self.cache, self.logits))
+        self._compiler = threading.Thread(target=self._compile_wanted, daemon=True, name="decode-compiler")
         self._thread = threading.Thread(target=self._run, daemon=True, name="decode-engine")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -93,53 +143,119 @@ class Engine:
         self.on_swap: Callable[[], None] = lambda: None  # called (engine thread) when new parameters are taken
 
     # -- compiled pieces --------------------------------------------------------------------------------------
-    def _decode_fn(self, params, cache, logits, s: dict):
-        """CHUNK steps for every slot: (cache, logits, tokens [B, CHUNK] (-1 where a row was not active), their
-        log-probabilities [B, CHUNK], the top TOP_LOGPROBS alternatives ([B, CHUNK, K] ids and log-probs), state)."""
-        b, chunk = self.max_batch, self.CHUNK
-        slot = jnp.arange(self.length)
+    def _insert_fn(self, cache, logits, row_cache, row_logits, slot):
+        """A prefilled prompt's cache (its bucket's length) and last logits into slot."""
+        return put(cache, row_cache, slot, self.batch_axis), logits.at[slot].set(row_logits[0])
+
+    def shape(self) -> tuple[int, int]:
+        """The decode chunk's (rows, span) for the requests in flight: the slots up to the last one in use, and
+        the cache slots the chunk can read, each rounded up to a power of two (spans to at least MIN_SPAN), so a
+        few compiled shapes serve every mix of requests and a step costs what the requests in flight need, not
+        what a full batch of whole contexts would."""
+        s = self.state
+        rows = min(power_of_two(max(i for i, r in enumerate(self.slots) if r is not None) + 1), self.max_batch)
+        reach = int(s["index"][:rows][s["active"][:rows]].max(initial=0)) + self.CHUNK
+        return rows, min(max(power_of_two(reach), self.MIN_SPAN), self.length)
+
+    def _decode_fn(self, params, cache, logits, s: dict, rows: int, span: int):
+        """CHUNK steps for slots 0 .. rows - 1 over cache slots 0 .. span - 1 (s holds those rows' state):
+        (cache, logits, tokens [rows, CHUNK] (-1 where a row was not active), their log-probabilities, the top
+        TOP_LOGPROBS alternatives ([rows, CHUNK, K] ids and log-probs), index, t, active). The log-probabilities
+        are computed only when an active row asks for them."""
+        chunk, vocab = self.CHUNK, self.cfg.vocab_size
+        slot = jnp.arange(span)
         keys = jax.random.wrap_key_data(s["keys"])
-        sample = jax.vmap(_sample_row)
+
+        def logprobs(logits, token):
+            logp = jax.nn.log_softmax(logits[:, :vocab], axis=-1)
+            top_lp, top_id = jax.lax.top_k(logp, TOP_LOGPROBS)
+            return jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0], top_id, top_lp
 
         def body(i, carry):
             cache, logits, index, t, active, out = carry
-            token = sample(logits, keys, t, s["temperature"], s["top_k"], s["top_p"], s["min_p"])
-            logp = jax.nn.log_softmax(logits[:, : self.cfg.vocab_size], axis=-1)
-            top_lp, top_id = jax.lax.top_k(logp, TOP_LOGPROBS)
-            chosen = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+            token = sample_rows(logits, keys, t, s, active)
+            chosen, top_id, top_lp = jax.lax.cond(
+                jnp.any(active & s["logprobs"]), logprobs,
+                lambda *_: (jnp.zeros(rows), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32), jnp.zeros((rows, TOP_LOGPROBS))),
+                logits, token)
             out = (out[0].at[:, i].set(jnp.where(active, token, -1)), out[1].at[:, i].set(chosen),
                    out[2].at[:, i].set(top_id), out[3].at[:, i].set(top_lp))
             mask = (slot[None, :] <= index[:, None]) & (slot[None, :] >= s["pad"][:, None])
             new, cache = self.generator._step(params, jnp.where(active, token, 0), index - s["pad"],
-                                              mask[:, None, None, :], cache, jnp.minimum(index, self.length - 1))
+                                              mask[:, None, None, :], cache, jnp.minimum(index, span - 1))
             index, t = index + active, t + active
             ended = (t >= s["limit"]) | (index - s["pad"] >= self.cfg.block_size)  # the context is full
             if self.eot is not None:
                 ended = ended | (token == self.eot)
             return cache, new, index, t, active & ~ended, out
 
-        out = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk)), jnp.zeros((b, chunk, TOP_LOGPROBS), jnp.int32),
-               jnp.zeros((b, chunk, TOP_LOGPROBS)))
-        cache, logits, index, t, active, out = jax.lax.fori_loop(
-            0, chunk, body, (cache, logits, s["index"], s["t"], s["active"], out))
-        return cache, logits, out, index, t, active
+        out = (jnp.full((rows, chunk), -1, jnp.int32), jnp.zeros((rows, chunk)),
+               jnp.zeros((rows, chunk, TOP_LOGPROBS), jnp.int32), jnp.zeros((rows, chunk, TOP_LOGPROBS)))
+        part, new, index, t, active, out = jax.lax.fori_loop(
+            0, chunk, body, (window(cache, rows, span, self.batch_axis), logits[:rows], s["index"], s["t"],
+                             s["active"], out))
+        return put(cache, part, 0, self.batch_axis), logits.at[:rows].set(new), out, index, t, active
 
     # -- the engine thread --------------------------------------------------------------------------------------
-    def warm_up(self) -> float:
-        """Compile every prefill bucket and the decode chunk now, not at the first requests; returns seconds."""
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, span) the decode chunk can take."""
+        rows = sorted({min(power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+        spans = sorted({min(max(power_of_two(n), self.MIN_SPAN), self.length) for n in range(1, self.length + 1)})
+        return [(r, s) for r in rows for s in spans]
+
+    def warm_up(self, decode_shapes: list[tuple[int, int]] | None = None) -> float:
+        """Compile every prefill bucket and the decode chunk for the given shapes (by default the largest, which
+        serves any mix of requests) now, not at the first requests; returns seconds. Once serving, a shape that
+        is wanted and not compiled yet is compiled in the background, the largest compiled one that covers it
+        serving meanwhile, so no request waits on the compiler."""
         t0 = time.perf_counter()
-        lengths = sorted({min(bucket(n), self.cfg.block_size) for n in range(1, self.cfg.block_size + 1)})
-        for length in lengths:
+        for length in sorted({min(bucket(n), self.cfg.block_size) for n in range(1, self.cfg.block_size + 1)}):
             logits, row = self.generator._prefill(self.params, np.zeros((1, length), np.int32),
-                                                  np.zeros(1, np.int32), cache_len=self.length)
-        self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, 0)
-        self.cache, self.logits, *_ = self._decode(self.params, self.cache, self.logits, self.state)
+                                                  np.zeros(1, np.int32), cache_len=length)
+            self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, 0)
+        for rows, span in decode_shapes or [(self.max_batch, self.length)]:
+            self._compile(rows, span)
         jax.block_until_ready(self.logits)
         return time.perf_counter() - t0
+
+    def _compile(self, rows: int, span: int) -> float:
+        """Compile the decode chunk for (rows, span) from the arrays' shapes (the engine thread may be using the
+        arrays themselves); returns seconds."""
+        t0 = time.perf_counter()
+        params, cache, logits = self._abstract
+        state = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in self.state.items()}
+        compiled = self._decode.lower(params, cache, logits, state, rows=rows, span=span).compile()
+        with self._compiled_lock:
+            self.compiled[(rows, span)] = compiled
+        return time.perf_counter() - t0
+
+    def _compile_wanted(self) -> None:
+        """The background compiler: each wanted shape, once."""
+        while True:
+            rows, span = self._to_compile.get()
+            try:
+                seconds = self._compile(rows, span)
+                self.log(f"compiled the decode chunk for {rows} rows over {span} cache slots in {seconds:.1f}s")
+            except Exception as e:  # the covering shape goes on serving
+                self.log(f"warning: compiling the decode chunk for {rows} rows over {span} slots failed ({e})")
+
+    def _run_decode(self, rows: int, span: int):
+        """One chunk at the cheapest compiled shape covering (rows, span); asks for that very shape if need be."""
+        if (rows, span) not in self.compiled and (rows, span) not in self._asked:
+            self._asked.add((rows, span))
+            self._to_compile.put((rows, span))
+        with self._compiled_lock:
+            rows, span = min((shape for shape in self.compiled if shape[0] >= rows and shape[1] >= span),
+                             key=lambda shape: (shape[0] * shape[1], shape))
+            decode = self.compiled[(rows, span)]
+        s = {k: v[:rows] for k, v in self.state.items()}
+        self.cache, self.logits, out, index, t, active = decode(self.params, self.cache, self.logits, s)
+        return rows, out, index, t, active
 
     def start(self) -> None:
         self._started = True
         self._thread.start()
+        self._compiler.start()
 
     def close(self) -> None:
         self._stop.set()
@@ -182,7 +298,7 @@ class Engine:
 
     def _prefill_into(self, slot: int, request: Request) -> None:
         tokens, pad = self.generator._pad([request.prompt])
-        logits, row = self.generator._prefill(self.params, tokens, pad, cache_len=self.length)
+        logits, row = self.generator._prefill(self.params, tokens, pad, cache_len=tokens.shape[1])
         self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, slot)
         key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
         s = self.state
@@ -190,6 +306,7 @@ class Engine:
         s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
         s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
         s["top_p"][slot], s["min_p"][slot] = request.top_p, request.min_p
+        s["logprobs"][slot] = request.logprobs >= 0
         self.slots[slot] = request
 
     def _fail(self, request: Request, error: Exception) -> None:
@@ -223,9 +340,9 @@ class Engine:
 
     def _chunk(self) -> None:
         s = self.state
-        self.cache, self.logits, out, index, t, active = self._decode(self.params, self.cache, self.logits, s)
-        (tokens, chosen, top_id, top_lp), index, t, active = jax.device_get((out, index, t, active))
-        s["index"], s["t"], s["active"] = np.array(index), np.array(t), np.array(active)
+        rows, *out = self._run_decode(*self.shape())
+        (tokens, chosen, top_id, top_lp), index, t, active = jax.device_get(out)
+        s["index"][:rows], s["t"][:rows], s["active"][:rows] = index, t, active
         for slot, request in enumerate(self.slots):
             if request is None:
                 continue
