@@ -1,15 +1,16 @@
 """The server under load: N concurrent streaming clients for a fixed time against `python -m gpt.serve`.
 
     python bench/serve.py [--model=tiny|gpt2_124m] [--clients=1,8,32] [--seconds=30] [--max_tokens=64]
-                          [--max_batch=8]
+                          [--max_batch=8] [--warmup=10]
 
 tiny: the default preset's model (4 x 128, bytes) after one training step (a checkpoint, served with --out_dir);
 gpt2_124m: GPT-2 small's shape with random weights (speed does not depend on them) as a Hugging Face directory
-(--init_from, the gpt2 tokenizer). Each client
-sends one streamed completion after another (a 32-token prompt, max_tokens new tokens, temperature 0.8, its
-own seed each time) and times the first text it receives and the whole answer. Prints one JSON object per
-client count: requests/s, generated tokens/s, p50/p99 first-token and total latency, and any request that
-failed (none should).
+(--init_from, the gpt2 tokenizer). Each client sends one streamed completion after another (a prompt of 32 token
+ids, max_tokens new tokens, temperature 0.8, its own seed each time) and times the first text it receives and
+the whole answer. Each client count runs --warmup seconds untimed first (the decode shapes it wants compile in
+the server's background meanwhile), then --seconds timed. Prints one JSON object per client count: requests/s,
+generated tokens/s, p50/p99 first-token and total latency, any request that failed (none should), and the
+server's start-up compile seconds.
 """
 
 import argparse
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--max_batch", type=int, default=8)
+    ap.add_argument("--warmup", type=float, default=10, help="seconds of the same load, untimed, before each")
     a = ap.parse_args()
     directory = tempfile.mkdtemp()
     source = model_source(a.model, directory)
@@ -97,12 +99,13 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.5)
         compiled = re.search(r"compiled the prefill .* in ([\d.]+)s", (Path(directory) / "server.log").read_text())
-        prompt = np.random.default_rng(0).integers(32, 127, 32).astype(np.uint8)  # 32 printable characters
-        body = {"prompt": bytes(prompt).decode(), "max_tokens": a.max_tokens, "stream_options": {"include_usage": True},
+        prompt = np.random.default_rng(0).integers(32, 127, 32).tolist()  # ids of printable characters in both vocabularies
+        body = {"prompt": prompt, "max_tokens": a.max_tokens, "stream_options": {"include_usage": True},
                 "temperature": 0.8, "stream": True}
-        for n in map(int, a.clients.split(",")):
+        def load(n: int, seconds: float) -> tuple[list, list, float]:
+            """n clients for `seconds`: (results, errors, wall seconds until the last answer)."""
             results, errors = [], []
-            until = time.perf_counter() + a.seconds
+            until = time.perf_counter() + seconds
             threads = [threading.Thread(target=client, args=(f"http://127.0.0.1:{port}/v1/completions", body, until,
                                                              np.random.default_rng(i), results, errors))
                        for i in range(n)]
@@ -111,7 +114,11 @@ def main() -> None:
                 t.start()
             for t in threads:
                 t.join()
-            wall = time.perf_counter() - t0
+            return results, errors, time.perf_counter() - t0
+
+        for n in map(int, a.clients.split(",")):
+            load(n, a.warmup)  # the decode shapes this load wants compile (in the background) before it is timed
+            results, errors, wall = load(n, a.seconds)
             first = np.array([r[0] for r in results if r[0] is not None] or [np.nan])
             total = np.array([r[1] for r in results] or [np.nan])
             print(json.dumps({"bench": "serve", "model": a.model, "clients": n, "max_batch": a.max_batch,
