@@ -3,6 +3,7 @@ piece, concurrent requests batched together each get what they would get alone (
 of bad request its 4xx, a disconnected client's slot freed, a newer checkpoint picked up, and the page driven
 in a real headless Chromium."""
 
+import contextlib
 import json
 import queue
 import socket
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 
+import jax
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,7 +21,7 @@ from gpt.config import MeshConfig, ServeConfig
 from gpt.serve.api import create_app
 from gpt.serve.engine import Engine, Request
 from gpt.serve.model import Served
-from tests.helpers import REPO, TINY, run_command
+from tests.helpers import REPO, TINY, run_command, simulated_devices_env
 
 
 @pytest.fixture(scope="module")
@@ -70,33 +72,57 @@ def stream_text(client, **body) -> tuple[str, list[dict]]:
     return text, events
 
 
-def test_a_shape_not_compiled_yet_is_served_at_a_larger_one_and_compiled_in_the_background(server):
+@pytest.fixture
+def engine(server):
+    """A fresh engine on the served parameters, its largest decode shape compiled, its log kept in .logs."""
     served, _ = server
     logs = []
     engine = Engine(served.cfg, served.engine.params, served.tokenizer.eot_token, max_batch=4, max_queue=8,
                     log=logs.append)
+    engine.logs = logs
     engine.warm_up()
-    assert list(engine.compiled) == [(4, engine.length)]  # only the largest shape
     engine.start()
+    yield engine
+    engine.close()
 
-    def answer() -> list[int]:
-        done = threading.Event()
-        request = Request(served.tokenizer.encode("ROMEO:"), 16, 0.8, 0, 1.0, 0.0, seed=5, logprobs=-1,
-                          emit=lambda r: r.finish and done.set())
-        engine.submit([request])
-        assert done.wait(60) and request.finish == "length"
-        return request.tokens
 
-    try:
-        first = answer()  # at 4 rows: one is wanted
-        deadline = time.time() + 60
-        while (1, engine.length) not in engine.compiled and time.time() < deadline:
-            time.sleep(0.05)
-        assert (1, engine.length) in engine.compiled
-        assert any(line.startswith(f"compiled the decode chunk for 1 rows over {engine.length}") for line in logs)
-        assert answer() == first  # at 1 row now
-    finally:
-        engine.close()
+def finished(engine, prompt: list[int], max_tokens: int = 16) -> Request:
+    """A request run through the engine to its end."""
+    done = threading.Event()
+    request = Request(prompt, max_tokens, 0.8, 0, 1.0, 0.0, seed=5, logprobs=-1, emit=lambda r: r.finish and done.set())
+    engine.submit([request])
+    assert done.wait(60)
+    return request
+
+
+def test_a_shape_not_compiled_yet_is_served_at_a_larger_one_and_compiled_in_the_background(server, engine):
+    prompt = server[0].tokenizer.encode("ROMEO:")
+    assert list(engine.compiled) == [(4, engine.length)]  # only the largest shape
+    first = finished(engine, prompt)  # at 4 rows: 1 is wanted
+    deadline = time.time() + 60
+    while (1, engine.length) not in engine.compiled and time.time() < deadline:
+        time.sleep(0.05)
+    assert (1, engine.length) in engine.compiled
+    assert any(line.startswith(f"compiled the decode chunk for 1 rows over {engine.length}") for line in engine.logs)
+    again = finished(engine, prompt)  # at 1 row now
+    assert first.finish == again.finish == "length" and again.tokens == first.tokens
+
+
+def test_a_failed_call_that_consumed_the_cache_fails_its_request_and_the_engine_goes_on(server, engine):
+    prompt = server[0].tokenizer.encode("ROMEO:")
+    insert = engine._insert
+
+    def out_of_memory(cache, logits, *args):  # as a donating call that fails on the device leaves things
+        for x in jax.tree.leaves((cache, logits)):
+            x.delete()
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    engine._insert = out_of_memory
+    assert finished(engine, prompt).finish == "error"
+    assert any("RESOURCE_EXHAUSTED" in line for line in engine.logs)
+    engine._insert = insert
+    after = finished(engine, prompt)
+    assert after.finish == "length" and len(after.tokens) == 16 and engine.counts()["alive"]
 
 
 def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
@@ -243,6 +269,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def server_process(tmp_path, *args: str, devices: int | None = None):
+    """python -m gpt.serve *args in a subprocess (on `devices` simulated CPU devices if given); yields its URL
+    once /health answers (it compiles before it listens)."""
+    import httpx
+
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "gpt.serve", *args, f"--port={port}", "--reload_interval=0"],
+                              cwd=REPO, stderr=log, stdout=log, env=None if devices is None else simulated_devices_env(devices))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.time() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_model_sharded_over_devices_serves_what_one_device_does(run_dir, tmp_path, capsys):
+    """The server on 8 simulated devices, the model split over a tensor axis of 2 (the cache replicated beside
+    it): greedy completions equal sample.py's on one device."""
+    import httpx
+
+    with server_process(tmp_path, f"--out_dir={run_dir}", "--step=4", "--mesh_data=4", "--mesh_tensor=2",
+                        devices=8) as url:
+        for prompt in ("ROMEO:", "KING:", "To be"):
+            body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.0}
+            sharded = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+            code, out, _ = run_command(run_sample, [f"--out_dir={run_dir}", "--step=4", f"--start={prompt}",
+                                                     "--num_samples=1", "--max_new_tokens=16", "--temperature=0",
+                                                     "--json=True"], capsys)
+            assert code == 0 and sharded == json.loads(out.splitlines()[-1])["text"]
+
+
 @pytest.mark.slow
 def test_the_page_streams_a_completion_in_a_real_browser(run_dir, tmp_path):
     """python -m gpt.serve in a subprocess; Debian's headless Chromium, driven by Selenium, types a prompt,
@@ -252,19 +323,7 @@ def test_the_page_streams_a_completion_in_a_real_browser(run_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "gpt.serve", f"--out_dir={run_dir}", f"--port={port}",
-                               "--reload_interval=0"], cwd=REPO, stderr=log, stdout=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # up once /health answers (compilation happens before it listens)
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with server_process(tmp_path, f"--out_dir={run_dir}") as url:
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -289,7 +348,3 @@ def test_the_page_streams_a_completion_in_a_real_browser(run_dir, tmp_path):
         expected = httpx.post(f"{url}/v1/completions", json={"prompt": "KING:", "max_tokens": 24, "temperature": 0.8,
                                                              "seed": 1337}).json()["choices"][0]["text"]
         assert text == expected and len(text) > 0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()

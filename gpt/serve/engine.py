@@ -8,7 +8,8 @@ context per slot). Between chunks the engine thread hands each request its new t
 end-of-text, their max_tokens, a stop string or a disconnected client, and fills the freed slots from the
 queue: a finished request never waits for the others. Each row samples with its own key (the request's seed,
 folded with the row's own token count) and its own rules, computed as for one row alone, so a request's
-output never depends on which requests share its batch, and equals sample.py's for the same seed and knobs.
+output does not depend on which requests share its batch, and equals sample.py's for the same seed and knobs
+(up to float rounding, which can differ between batch shapes and so, rarely, flip a near-tie).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt.logits import filter_logits, min_p_filter
 from gpt.model import init_cache
@@ -114,21 +116,27 @@ class Engine:
         self.max_queue = max_queue
         self._submit_lock = threading.Lock()
         self.lock = threading.Lock()  # held while a chunk runs: reload swaps parameters between chunks
-        self.pending_params = None
+        self._pending = None  # (parameters, on_swap) to take once no request is decoding
+        self._pending_lock = threading.Lock()
         # A slot holds a whole context plus the most left-padding a prompt bucket adds (under half a context), so
         # a prompt of n tokens has room for block_size - n new ones, as in sample.py.
         self.length = cfg.block_size + max(min(bucket(n), cfg.block_size) - n for n in range(1, cfg.block_size + 1))
         b = max_batch
-        self.cache = init_cache(cfg, b, self.length)
-        self.logits = jnp.zeros((b, cfg.padded_vocab_size), jnp.float32)
+        # The cache and logits live replicated on the parameters' devices (a sharded model runs its step there).
+        sharding = jax.tree.leaves(params)[0].sharding
+        self.replicated = NamedSharding(sharding.mesh, PartitionSpec()) if hasattr(sharding, "mesh") else sharding
+        self._fresh = jax.jit(lambda: (init_cache(cfg, b, self.length), jnp.zeros((b, cfg.padded_vocab_size))),
+                              out_shardings=self.replicated)
+        self.cache, self.logits = self._fresh()
         self.state = {"index": np.zeros(b, np.int32), "pad": np.zeros(b, np.int32), "t": np.zeros(b, np.int32),
                       "limit": np.zeros(b, np.int32), "active": np.zeros(b, bool), "logprobs": np.zeros(b, bool),
                       "keys": np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32),
                       "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
                       "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
         self.batch_axis = 1 if cfg.scan_layers else 0
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames=("rows", "span"))
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1), out_shardings=self.replicated)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames=("rows", "span"),
+                               out_shardings=self.replicated)
         self.compiled: dict[tuple[int, int], Callable] = {}  # the decode chunk by (rows, span)
         self._to_compile: queue.Queue = queue.Queue()  # shapes wanted and not compiled yet
         self._asked: set[tuple[int, int]] = set()
@@ -140,7 +148,6 @@ class Engine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._started = False
-        self.on_swap: Callable[[], None] = lambda: None  # called (engine thread) when new parameters are taken
 
     # -- compiled pieces --------------------------------------------------------------------------------------
     def _insert_fn(self, cache, logits, row_cache, row_logits, slot):
@@ -223,7 +230,8 @@ class Engine:
         arrays themselves); returns seconds."""
         t0 = time.perf_counter()
         params, cache, logits = self._abstract
-        state = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in self.state.items()}
+        state = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=self.replicated)
+                 for k, v in self.state.items()}
         compiled = self._decode.lower(params, cache, logits, state, rows=rows, span=span).compile()
         with self._compiled_lock:
             self.compiled[(rows, span)] = compiled
@@ -231,8 +239,8 @@ class Engine:
 
     def _compile_wanted(self) -> None:
         """The background compiler: each wanted shape, once."""
-        while True:
-            rows, span = self._to_compile.get()
+        while (shape := self._to_compile.get()) is not None:  # None: the engine is closing
+            rows, span = shape
             try:
                 seconds = self._compile(rows, span)
                 self.log(f"compiled the decode chunk for {rows} rows over {span} cache slots in {seconds:.1f}s")
@@ -245,9 +253,13 @@ class Engine:
             self._asked.add((rows, span))
             self._to_compile.put((rows, span))
         with self._compiled_lock:
-            rows, span = min((shape for shape in self.compiled if shape[0] >= rows and shape[1] >= span),
-                             key=lambda shape: (shape[0] * shape[1], shape))
-            decode = self.compiled[(rows, span)]
+            covering = [shape for shape in self.compiled if shape[0] >= rows and shape[1] >= span]
+        if not covering:  # nothing compiled covers it (warm_up was not run): compile it now
+            self.log(f"compiling the decode chunk for {rows} rows over {span} cache slots")
+            self._compile(rows, span)
+            covering = [(rows, span)]
+        rows, span = min(covering, key=lambda shape: (shape[0] * shape[1], shape))
+        decode = self.compiled[(rows, span)]
         s = {k: v[:rows] for k, v in self.state.items()}
         self.cache, self.logits, out, index, t, active = decode(self.params, self.cache, self.logits, s)
         return rows, out, index, t, active
@@ -261,6 +273,9 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join()
+        self._to_compile.put(None)
+        if self._compiler.is_alive():
+            self._compiler.join()
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests, all or none: queue.Full when they do not fit beside those already waiting (the caller
@@ -278,23 +293,37 @@ class Engine:
 
     def swap_params(self, params, on_swap: Callable[[], None] = lambda: None) -> None:
         """New parameters, taken when no request is decoding (requests in flight finish on the old ones; new
-        ones wait meanwhile); on_swap() runs when they are."""
-        self.pending_params, self.on_swap = params, on_swap
+        ones wait meanwhile); on_swap() runs (on the engine thread) when they are. A later call replaces an
+        earlier one not taken yet."""
+        with self._pending_lock:
+            self._pending = (params, on_swap)
         self._wake.set()
+
+    def _take_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        self.params = self.generator.params = pending[0]
+        try:
+            pending[1]()
+        except Exception as e:
+            self.log(f"warning: the parameter swap's callback failed ({type(e).__name__}: {e})")
 
     def _admit(self) -> None:
         for slot in range(self.max_batch):
-            while self.slots[slot] is None and self.pending_params is None:
+            while self.slots[slot] is None and self._pending is None:
                 try:
                     request = self.waiting.get_nowait()
                 except queue.Empty:
                     return
-                if request.cancelled.is_set():
+                if request.cancelled.is_set() or request.max_tokens <= 0:
+                    request.finish = "cancelled" if request.cancelled.is_set() else "length"
+                    self._emit(request)
                     continue
                 try:
                     self._prefill_into(slot, request)
                 except Exception as e:  # this request fails alone; the engine and the others go on
                     self._fail(request, e)
+                    self._recover(e)
 
     def _prefill_into(self, slot: int, request: Request) -> None:
         tokens, pad = self.generator._pad([request.prompt])
@@ -309,21 +338,35 @@ class Engine:
         s["logprobs"][slot] = request.logprobs >= 0
         self.slots[slot] = request
 
+    def _emit(self, request: Request) -> None:
+        try:
+            request.emit(request)
+        except Exception as e:  # a client's callback must not stop the engine
+            self.log(f"warning: a request's callback failed ({type(e).__name__}: {e}); it is dropped")
+            request.finish = request.finish or "cancelled"
+
     def _fail(self, request: Request, error: Exception) -> None:
         self.log(f"warning: a request failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
         request.finish = "error"
-        try:
-            request.emit(request)
-        except Exception:
-            pass
+        self._emit(request)
+
+    def _recover(self, error: Exception) -> None:
+        """After a compiled call failed (out of memory, say): if it had consumed the donated cache, fail the
+        requests in flight and start from a fresh cache, so the engine goes on serving new ones."""
+        if not any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.logits))):
+            return
+        for slot, request in enumerate(self.slots):
+            if request is not None:
+                self._fail(request, error)
+                self.slots[slot] = None
+        self.state["active"][:] = False
+        self.cache, self.logits = self._fresh()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             with self.lock:
-                if self.pending_params is not None and not any(self.slots):  # drained: take the new parameters
-                    self.params = self.generator.params = self.pending_params
-                    self.pending_params = None
-                    self.on_swap()
+                if self._pending is not None and not any(self.slots):  # drained: take the new parameters
+                    self._take_pending()
                 self._admit()
                 busy = any(self.slots)
                 if busy:
@@ -334,6 +377,7 @@ class Engine:
                             if request is not None:
                                 self._fail(request, e)
                                 self.slots[slot], self.state["active"][slot] = None, False
+                        self._recover(e)
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -365,11 +409,7 @@ class Engine:
                 request.finish = "length"
             if request.cancelled.is_set():
                 request.finish = request.finish or "cancelled"
-            try:
-                request.emit(request)
-            except Exception as e:  # a client's callback must not stop the engine
-                self.log(f"warning: a request's callback failed ({type(e).__name__}: {e}); it is dropped")
-                request.finish = "cancelled"
+            self._emit(request)
             if request.finish is not None:
                 s["active"][slot] = False
                 self.slots[slot] = None

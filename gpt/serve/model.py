@@ -27,6 +27,7 @@ class Served:
         self.name = s.model_name or ("gpt-jax" if s.init_from == "resume" else "gpt2")
         self.engine = Engine(self.cfg, params, self.tokenizer.eot_token, s.max_batch, s.max_queue, log)
         self._score = jax.jit(lambda p, ids: GPT(self.cfg).apply({"params": p}, ids)[0])
+        self._scored: set[int] = set()  # the lengths _score has been compiled for
         self._reload_lock = threading.Lock()
         self.rejected: set[int] = set()  # checkpoint steps of another model: not loaded again
         self.pending_step: int | None = None  # loaded, waiting for the requests in flight to finish
@@ -128,6 +129,9 @@ class Served:
         """(token, log-prob given the tokens before it, top k alternatives) of every token of ids; the first has
         no log-prob. One forward pass, padded at the end to a bucket length (causality hides the padding)."""
         length = min(bucket(len(ids)), self.cfg.block_size)
+        if length not in self._scored:  # compiled on first use: most servers never score
+            self._scored.add(length)
+            self.log(f"compiling the scoring pass for {length} tokens")
         padded = np.zeros((1, length), np.int32)
         padded[0, : len(ids)] = ids
         logits = self._score(self.engine.params, padded)[0, : len(ids) - 1, : self.cfg.vocab_size]
