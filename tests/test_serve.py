@@ -133,6 +133,30 @@ def test_streaming_yields_the_text_of_the_answer_in_one_piece(server):
     assert text == complete(client, **body)["choices"][0]["text"]
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_are_those_of_the_answer_in_one_piece(server, echo):
+    """Each event carries the log-probabilities of the tokens its text completes; together they are the plain
+    answer's (echo: the prompt's scores come with the prompt's event), offsets included."""
+    _, client = server
+    body = {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0.9, "seed": 11, "logprobs": 3, "echo": echo,
+            "stop": ["\n\n"]}
+    _, events = stream_text(client, **body)
+    streamed = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
+    joined = {k: [v for piece in streamed for v in piece[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                      "text_offset")}
+    plain = complete(client, **body)["choices"][0]["logprobs"]
+    assert joined["tokens"] == plain["tokens"] and joined["text_offset"] == plain["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(plain["token_logprobs"], abs=1e-5)
+    assert [d and sorted(d) for d in joined["top_logprobs"]] == [d and sorted(d) for d in plain["top_logprobs"]]
+
+
+def test_a_stream_tells_the_logprobs_of_tokens_whose_text_it_has_shown_whole(server):
+    served, _ = server
+    ids = list("héllo".encode())  # the byte tokenizer: é is two tokens
+    assert [served.whole_tokens(ids, 0, chars) for chars in range(6)] == [0, 1, 3, 4, 5, 6]
+    assert served.whole_tokens(ids, 3, 2) == 3  # never fewer than already told
+
+
 def test_concurrent_requests_each_get_what_they_would_get_alone(server, monkeypatch):
     """8 requests at once (a batch of 4 slots: requests join as others leave), each with its own seed, knobs
     and stop string: each answer equals that request made alone (batch mates that turn the top-k, top-p,
@@ -190,7 +214,6 @@ def test_concurrent_requests_each_get_what_they_would_get_alone(server, monkeypa
     ({"prompt": ["a", "b", "c"], "n": 3}, 400, "n"),  # 9 choices: more than the queue of 8 could ever hold
     ({"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"prompt": [1, 2, 999]}, 400, "prompt"),  # token ids outside the vocabulary of 256
-    ({"prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(server, body, status, param):
     _, client = server

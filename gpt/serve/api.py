@@ -76,6 +76,8 @@ class Choice:
     def __init__(self, index: int, prompt: str, prompt_ids: list[int], request: Request | None):
         self.index, self.prompt, self.prompt_ids, self.request = index, prompt, prompt_ids, request
         self.sent = 0  # characters of the completion already streamed
+        self.sent_tokens = 0  # its tokens whose log-probabilities have been streamed
+        self.offset = 0  # where the next streamed token's text starts (logprobs' text_offset)
 
 
 def create_app(served: Served) -> FastAPI:
@@ -126,8 +128,6 @@ def create_app(served: Served) -> FastAPI:
         if any(not 0 <= i < served.cfg.vocab_size for ids in encoded for i in ids):
             return error(400, f"prompt: token ids must be in [0, {served.cfg.vocab_size})", "prompt")
         prompts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
-        if body.stream and body.logprobs is not None:
-            return error(400, "logprobs: not available with stream=true here; ask without streaming", "logprobs")
         if len(prompts) * body.n > served.engine.max_queue:
             return error(400, f"n: {len(prompts)} prompts x n={body.n} choices exceed the server's queue of "
                               f"{served.engine.max_queue}", "n")
@@ -195,9 +195,15 @@ def create_app(served: Served) -> FastAPI:
 
         async def events():
             try:
-                if body.echo:
-                    for c in choices:
-                        yield _sse({**head, "choices": [{"text": c.prompt, "index": c.index, "logprobs": None,
+                for c in choices:
+                    c.offset = 0 if body.echo else len(c.prompt)
+                    if body.echo:
+                        echoed = None
+                        if body.logprobs is not None:  # a forward pass: off the event loop
+                            entries = await asyncio.to_thread(served.score, c.prompt_ids, body.logprobs)
+                            echoed = served.logprobs_object(entries, 0)
+                            c.offset = sum(map(len, echoed["tokens"]))
+                        yield _sse({**head, "choices": [{"text": c.prompt, "index": c.index, "logprobs": echoed,
                                                          "finish_reason": None}]})
                 for c in choices:
                     if c.request is None:
@@ -209,10 +215,17 @@ def create_app(served: Served) -> FastAPI:
                         continue
                     text = served.visible(request.tokens, stops, hold=request.finish is None)
                     delta, c.sent = text[c.sent:], max(c.sent, len(text))
+                    logprobs = None
+                    if body.logprobs is not None:  # those of the tokens the text shown so far holds whole
+                        end = len(request.steps) if request.finish is not None else \
+                            served.whole_tokens(request.tokens, c.sent_tokens, c.sent)
+                        logprobs = served.logprobs_object(served.steps(request, c.sent_tokens, end, body.logprobs),
+                                                          c.offset)
+                        c.sent_tokens, c.offset = end, c.offset + sum(map(len, logprobs["tokens"]))
                     if request.finish is not None:
                         running.pop(id(request))
-                    if delta or request.finish is not None:
-                        yield _sse({**head, "choices": [{"text": delta, "index": c.index, "logprobs": None,
+                    if delta or request.finish is not None or (logprobs and logprobs["tokens"]):
+                        yield _sse({**head, "choices": [{"text": delta, "index": c.index, "logprobs": logprobs,
                                                          "finish_reason": request.finish}]})
                     if await http.is_disconnected():
                         return  # (the finally below frees the slots)

@@ -110,12 +110,20 @@ class Served:
     def logprobs(self, choice, body) -> dict:
         """OpenAI's logprobs object of a finished choice: each token (of the prompt too, with echo: its first
         token has none), its log-probability, and the top `logprobs` alternatives."""
-        entries = []  # (token id, log-prob or None, [(id, log-prob)])
-        if body.echo:
-            entries += self.score(choice.prompt_ids, body.logprobs)
+        entries = self.score(choice.prompt_ids, body.logprobs) if body.echo else []
         if choice.request is not None:
-            entries += [(t, lp, top[: body.logprobs]) for t, lp, top in choice.request.steps]
-        decode, offset = self.tokenizer.decode, len(choice.prompt) if not body.echo else 0
+            entries += self.steps(choice.request, 0, len(choice.request.steps), body.logprobs)
+        return self.logprobs_object(entries, 0 if body.echo else len(choice.prompt))
+
+    @staticmethod
+    def steps(request, start: int, end: int, k: int) -> list:
+        """(token id, log-prob, [(id, log-prob)] of the top k) of the request's new tokens start .. end - 1."""
+        return [(t, lp, top[:k]) for t, lp, top in request.steps[start:end]]
+
+    def logprobs_object(self, entries: list, offset: int) -> dict:
+        """The logprobs object of entries (token id, log-prob or None, alternatives), the first of which starts
+        at character `offset` of the text."""
+        decode = self.tokenizer.decode
         tokens, offsets = [], []
         for token, _, _ in entries:
             tokens.append(decode([token]))
@@ -124,6 +132,17 @@ class Served:
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [None if lp is None else {decode([i]): v for i, v in top} for _, lp, top in entries],
                 "text_offset": offsets}
+
+    def whole_tokens(self, ids: list[int], start: int, chars: int) -> int:
+        """The most of ids (at least start) whose text fits in its first `chars` characters: the tokens a stream
+        has shown so far (a token that ends inside a character decodes to a replacement character, which the
+        stream holds back, so it is not counted before the token that completes the character)."""
+        covered = start
+        for n in range(start + 1, len(ids) + 1):
+            if len(self.tokenizer.decode(ids[:n])) > chars:
+                break
+            covered = n
+        return covered
 
     def score(self, ids: list[int], k: int) -> list:
         """(token, log-prob given the tokens before it, top k alternatives) of every token of ids; the first has
