@@ -2,6 +2,7 @@
 
     POST /v1/completions   prompt (a string or a list), max_tokens, temperature, top_p, top_k and min_p
                            (extensions), n, stop, seed, stream, logprobs, echo; usage in every answer
+                           (streamed: last, if stream_options asks for it, as OpenAI's)
     GET  /v1/models        the model: its checkpoint step and config
     POST /v1/reload        load the newest checkpoint of out_dir now (also done every reload_interval seconds)
     GET  /health           ok, with the step and the decode batch's occupancy
