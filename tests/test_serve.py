@@ -97,12 +97,12 @@ def finished(engine, prompt: list[int], max_tokens: int = 16) -> Request:
 
 def test_a_shape_not_compiled_yet_is_served_at_a_larger_one_and_compiled_in_the_background(server, engine):
     prompt = server[0].tokenizer.encode("ROMEO:")
-    assert list(engine.compiled) == [(4, engine.length)]  # only the largest shape
+    assert [shape for shape in engine.compiled if shape[0] == "decode"] == [("decode", 4, engine.length)]
     first = finished(engine, prompt)  # at 4 rows: 1 is wanted
     deadline = time.time() + 60
-    while (1, engine.length) not in engine.compiled and time.time() < deadline:
+    while ("decode", 1, engine.length) not in engine.compiled and time.time() < deadline:
         time.sleep(0.05)
-    assert (1, engine.length) in engine.compiled
+    assert ("decode", 1, engine.length) in engine.compiled
     assert any(line.startswith(f"compiled the decode chunk for 1 rows over {engine.length}") for line in engine.logs)
     again = finished(engine, prompt)  # at 1 row now
     assert first.finish == again.finish == "length" and again.tokens == first.tokens
@@ -110,17 +110,18 @@ def test_a_shape_not_compiled_yet_is_served_at_a_larger_one_and_compiled_in_the_
 
 def test_a_failed_call_that_consumed_the_cache_fails_its_request_and_the_engine_goes_on(server, engine):
     prompt = server[0].tokenizer.encode("ROMEO:")
-    insert = engine._insert
+    shape = ("prefill", 1, 8)  # one prompt of 6 tokens, in the bucket of 8
+    prefill = engine.compiled[shape]
 
-    def out_of_memory(cache, logits, *args):  # as a donating call that fails on the device leaves things
+    def out_of_memory(params, cache, logits, *args):  # as a donating call that fails on the device leaves things
         for x in jax.tree.leaves((cache, logits)):
             x.delete()
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
-    engine._insert = out_of_memory
+    engine.compiled[shape] = out_of_memory
     assert finished(engine, prompt).finish == "error"
     assert any("RESOURCE_EXHAUSTED" in line for line in engine.logs)
-    engine._insert = insert
+    engine.compiled[shape] = prefill
     after = finished(engine, prompt)
     assert after.finish == "length" and len(after.tokens) == 16 and engine.counts()["alive"]
 
@@ -158,14 +159,15 @@ def test_a_stream_tells_the_logprobs_of_tokens_whose_text_it_has_shown_whole(ser
 
 
 def test_concurrent_requests_each_get_what_they_would_get_alone(server, monkeypatch):
-    """8 requests at once (a batch of 4 slots: requests join as others leave), each with its own seed, knobs
-    and stop string: each answer equals that request made alone (batch mates that turn the top-k, top-p,
-    min-p filters, greedy decoding or log-probabilities on or off change nothing), and stops where it should."""
+    """8 requests at once (a batch of 4 slots: requests join as others leave, those of one prompt length
+    prefilled together), each with its own seed, knobs and stop string: each answer equals that request made
+    alone, its log-probabilities too (batch mates that turn the top-k, top-p, min-p filters, greedy decoding or
+    log-probabilities on or off change nothing), and stops where it should."""
     served, client = server
-    knobs = [{}, {"top_k": 20}, {"top_p": 0.8}, {"temperature": 0.0}, {"min_p": 0.05}, {"logprobs": 2},
-             {"top_k": 5, "top_p": 0.9}, {}]
+    knobs = [{}, {"top_k": 20, "logprobs": 1}, {"top_p": 0.8, "logprobs": 1}, {"temperature": 0.0, "logprobs": 1},
+             {"min_p": 0.05, "logprobs": 1}, {"logprobs": 2}, {"top_k": 5, "top_p": 0.9, "logprobs": 1}, {}]
     bodies = [{"prompt": p, "max_tokens": 12 + i, "temperature": 0.7 + 0.05 * i, "seed": i, **knobs[i]}
-              for i, p in enumerate(["ROMEO:", "KING:", "A", "To be", "HAMLET:", "First", "Enter", "O"])]
+              for i, p in enumerate(["ROMEO:", "KING:", "A", "To be or not", "HAMLET:", "First Citizen", "Enter", "O"])]
     for i, body in enumerate(bodies[::2]):  # every other request stops at a string its own answer holds
         text = complete(client, **body)["choices"][0]["text"]
         body["stop"] = text[4 + i: 6 + i]

@@ -1,7 +1,7 @@
 """Continuous batching: one KV cache of max_batch slots that requests join and leave at chunk boundaries.
 
-A request is prefilled on its own (the same jitted, bucketed prefill as sample.py) into a free slot; then the
-slots in use decode CHUNK tokens per jitted call, each at its own cache position (the model writes a [B] vector
+Waiting requests take the free slots, those whose prompts share a bucket length prefilled together (sample.py's
+prefill, its caches written into their slots); then the slots in use decode CHUNK tokens per jitted call, each at its own cache position (the model writes a [B] vector
 of cache indices). A call reads only the rows up to the last slot in use and the cache slots the requests in
 flight can reach, rounded up to powers of two: its cost follows the requests, not the cache's size (a whole
 context per slot). Between chunks the engine thread hands each request its new tokens, ends those at
@@ -91,14 +91,9 @@ def window(cache, rows: int, span: int, batch_axis: int):
     return jax.tree.map(cut, cache)
 
 
-def put(cache, part, row: int | jax.Array, batch_axis: int):
-    """part written into cache from row `row`, sequence slot 0."""
-    def write(c, p):
-        start = [0] * c.ndim
-        start[batch_axis] = row
-        return jax.lax.dynamic_update_slice(c, p, start)
-
-    return jax.tree.map(write, cache, part)
+def put(cache, part):
+    """part written into the corner of cache where window() took it from."""
+    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice(c, p, (0,) * c.ndim), cache, part)
 
 
 class Engine:
@@ -134,12 +129,13 @@ class Engine:
                       "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
                       "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
         self.batch_axis = 1 if cfg.scan_layers else 0
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1), out_shardings=self.replicated)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2), out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames=("rows", "span"),
                                out_shardings=self.replicated)
-        self.compiled: dict[tuple[int, int], Callable] = {}  # the decode chunk by (rows, span)
+        # Compiled calls by shape: ("prefill", prompts, bucket length) and ("decode", rows, span).
+        self.compiled: dict[tuple[str, int, int], Callable] = {}
         self._to_compile: queue.Queue = queue.Queue()  # shapes wanted and not compiled yet
-        self._asked: set[tuple[int, int]] = set()
+        self._asked: set[tuple[str, int, int]] = set()
         self._compiled_lock = threading.Lock()
         self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       (params, self.cache, self.logits))
@@ -150,9 +146,15 @@ class Engine:
         self._started = False
 
     # -- compiled pieces --------------------------------------------------------------------------------------
-    def _insert_fn(self, cache, logits, row_cache, row_logits, slot):
-        """A prefilled prompt's cache (its bucket's length) and last logits into slot."""
-        return put(cache, row_cache, slot, self.batch_axis), logits.at[slot].set(row_logits[0])
+    def _prefill_fn(self, params, cache, logits, tokens, pad, slots):
+        """Prompts tokens [n, L] (left-padded by pad [n]) prefilled together, as sample.py does; each one's cache
+        (its first L slots) and last logits written into its slot (a slot past the batch is dropped: a row that
+        only pads n to a compiled size)."""
+        length = tokens.shape[1]
+        new_logits, new_cache = self.generator._prefill_fn(params, tokens, pad, cache_len=length)
+        at = (slice(None),) * self.batch_axis + (slots, slice(None), slice(0, length))
+        cache = jax.tree.map(lambda c, new: c.at[at].set(new, mode="drop"), cache, new_cache)
+        return cache, logits.at[slots].set(new_logits, mode="drop")
 
     def shape(self) -> tuple[int, int]:
         """The decode chunk's (rows, span) for the requests in flight: the slots up to the last one in use, and
@@ -201,69 +203,90 @@ class Engine:
         part, new, index, t, active, out = jax.lax.fori_loop(
             0, chunk, body, (window(cache, rows, span, self.batch_axis), logits[:rows], s["index"], s["t"],
                              s["active"], out))
-        return put(cache, part, 0, self.batch_axis), logits.at[:rows].set(new), out, index, t, active
+        return put(cache, part), logits.at[:rows].set(new), out, index, t, active
 
-    # -- the engine thread --------------------------------------------------------------------------------------
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, span) the decode chunk can take."""
+    # -- compiling ---------------------------------------------------------------------------------------------
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """Every shape the prefill and the decode chunk can take."""
         rows = sorted({min(power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+        lengths = sorted({min(bucket(n), self.cfg.block_size) for n in range(1, self.cfg.block_size + 1)})
         spans = sorted({min(max(power_of_two(n), self.MIN_SPAN), self.length) for n in range(1, self.length + 1)})
-        return [(r, s) for r in rows for s in spans]
+        return [("prefill", r, n) for r in rows for n in lengths] + [("decode", r, s) for r in rows for s in spans]
 
-    def warm_up(self, decode_shapes: list[tuple[int, int]] | None = None) -> float:
-        """Compile every prefill bucket and the decode chunk for the given shapes (by default the largest, which
-        serves any mix of requests) now, not at the first requests; returns seconds. Once serving, a shape that
-        is wanted and not compiled yet is compiled in the background, the largest compiled one that covers it
-        serving meanwhile, so no request waits on the compiler."""
+    def warm_up(self, shapes: list[tuple[str, int, int]] | None = None) -> float:
+        """Compile the given shapes (by default the prefill of one prompt at every bucket length and the largest
+        decode chunk, which together serve any mix of requests) now, not at the first requests; returns seconds.
+        Once serving, a shape that is wanted and not compiled yet is compiled in the background while those
+        compiled serve (the decode chunk at the cheapest shape that covers it, prompts prefilled one by one)."""
         t0 = time.perf_counter()
-        for length in sorted({min(bucket(n), self.cfg.block_size) for n in range(1, self.cfg.block_size + 1)}):
-            logits, row = self.generator._prefill(self.params, np.zeros((1, length), np.int32),
-                                                  np.zeros(1, np.int32), cache_len=length)
-            self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, 0)
-        for rows, span in decode_shapes or [(self.max_batch, self.length)]:
-            self._compile(rows, span)
-        jax.block_until_ready(self.logits)
+        lengths = sorted({min(bucket(n), self.cfg.block_size) for n in range(1, self.cfg.block_size + 1)})
+        for shape in shapes or [("prefill", 1, n) for n in lengths] + [("decode", self.max_batch, self.length)]:
+            self._compile(shape)
         return time.perf_counter() - t0
 
-    def _compile(self, rows: int, span: int) -> float:
-        """Compile the decode chunk for (rows, span) from the arrays' shapes (the engine thread may be using the
-        arrays themselves); returns seconds."""
+    @staticmethod
+    def describe(shape: tuple[str, int, int]) -> str:
+        kind, rows, n = shape
+        return f"the prefill of {rows} prompts of {n} tokens" if kind == "prefill" else \
+            f"the decode chunk for {rows} rows over {n} cache slots"
+
+    def _compile(self, shape: tuple[str, int, int]) -> float:
+        """Compile a call from the arrays' shapes (the engine thread may be using the arrays themselves);
+        returns seconds."""
         t0 = time.perf_counter()
+        kind, rows, n = shape
         params, cache, logits = self._abstract
-        state = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=self.replicated)
-                 for k, v in self.state.items()}
-        compiled = self._decode.lower(params, cache, logits, state, rows=rows, span=span).compile()
+        arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+        if kind == "prefill":
+            lowered = self._prefill.lower(params, cache, logits, arg((rows, n), np.int32), arg((rows,), np.int32),
+                                          arg((rows,), np.int32))
+        else:
+            state = {k: arg((rows, *v.shape[1:]), v.dtype) for k, v in self.state.items()}
+            lowered = self._decode.lower(params, cache, logits, state, rows=rows, span=n)
+        compiled = lowered.compile()
         with self._compiled_lock:
-            self.compiled[(rows, span)] = compiled
+            self.compiled[shape] = compiled
         return time.perf_counter() - t0
 
     def _compile_wanted(self) -> None:
         """The background compiler: each wanted shape, once."""
         while (shape := self._to_compile.get()) is not None:  # None: the engine is closing
-            rows, span = shape
             try:
-                seconds = self._compile(rows, span)
-                self.log(f"compiled the decode chunk for {rows} rows over {span} cache slots in {seconds:.1f}s")
-            except Exception as e:  # the covering shape goes on serving
-                self.log(f"warning: compiling the decode chunk for {rows} rows over {span} slots failed ({e})")
+                self.log(f"compiled {self.describe(shape)} in {self._compile(shape):.1f}s")
+            except Exception as e:  # what is compiled goes on serving
+                self.log(f"warning: compiling {self.describe(shape)} failed ({e})")
+
+    def _want(self, shape: tuple[str, int, int]) -> bool:
+        """Whether shape is compiled; if not, it is asked of the background compiler (once)."""
+        if shape in self.compiled:
+            return True
+        if shape not in self._asked:
+            self._asked.add(shape)
+            self._to_compile.put(shape)
+        return False
+
+    def _executable(self, shape: tuple[str, int, int]) -> Callable:
+        """The compiled call of shape; compiled now if it is not (warm_up was not run)."""
+        with self._compiled_lock:
+            call = self.compiled.get(shape)
+        if call is None:
+            self.log(f"compiling {self.describe(shape)}")
+            self._compile(shape)
+            call = self.compiled[shape]
+        return call
 
     def _run_decode(self, rows: int, span: int):
-        """One chunk at the cheapest compiled shape covering (rows, span); asks for that very shape if need be."""
-        if (rows, span) not in self.compiled and (rows, span) not in self._asked:
-            self._asked.add((rows, span))
-            self._to_compile.put((rows, span))
-        with self._compiled_lock:
-            covering = [shape for shape in self.compiled if shape[0] >= rows and shape[1] >= span]
-        if not covering:  # nothing compiled covers it (warm_up was not run): compile it now
-            self.log(f"compiling the decode chunk for {rows} rows over {span} cache slots")
-            self._compile(rows, span)
-            covering = [(rows, span)]
-        rows, span = min(covering, key=lambda shape: (shape[0] * shape[1], shape))
-        decode = self.compiled[(rows, span)]
+        """One chunk at the cheapest compiled shape covering (rows, span)."""
+        if not self._want(("decode", rows, span)):
+            with self._compiled_lock:
+                covering = [(r, s) for kind, r, s in self.compiled if kind == "decode" and r >= rows and s >= span]
+            rows, span = min(covering or [(rows, span)], key=lambda shape: (shape[0] * shape[1], shape))
         s = {k: v[:rows] for k, v in self.state.items()}
-        self.cache, self.logits, out, index, t, active = decode(self.params, self.cache, self.logits, s)
+        self.cache, self.logits, out, index, t, active = self._executable(("decode", rows, span))(
+            self.params, self.cache, self.logits, s)
         return rows, out, index, t, active
 
+    # -- the engine thread --------------------------------------------------------------------------------------
     def start(self) -> None:
         self._started = True
         self._thread.start()
@@ -309,34 +332,48 @@ class Engine:
             self.log(f"warning: the parameter swap's callback failed ({type(e).__name__}: {e})")
 
     def _admit(self) -> None:
-        for slot in range(self.max_batch):
-            while self.slots[slot] is None and self._pending is None:
+        """Fill the free slots from the queue, the prompts of one bucket length prefilled together."""
+        free = [slot for slot, request in enumerate(self.slots) if request is None]
+        taken = []
+        while len(taken) < len(free) and self._pending is None:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if request.cancelled.is_set() or request.max_tokens <= 0:
+                request.finish = "cancelled" if request.cancelled.is_set() else "length"
+                self._emit(request)
+                continue
+            taken.append(request)
+        groups: dict[int, list[Request]] = {}
+        for request in taken:
+            groups.setdefault(min(bucket(len(request.prompt)), self.cfg.block_size), []).append(request)
+        for length, group in groups.items():
+            together = self._want(("prefill", min(power_of_two(len(group)), self.max_batch), length))
+            for batch in [group] if together else [[request] for request in group]:
+                slots, free = free[: len(batch)], free[len(batch):]
                 try:
-                    request = self.waiting.get_nowait()
-                except queue.Empty:
-                    return
-                if request.cancelled.is_set() or request.max_tokens <= 0:
-                    request.finish = "cancelled" if request.cancelled.is_set() else "length"
-                    self._emit(request)
-                    continue
-                try:
-                    self._prefill_into(slot, request)
-                except Exception as e:  # this request fails alone; the engine and the others go on
-                    self._fail(request, e)
+                    self._prefill_into(slots, batch, length)
+                except Exception as e:  # these requests fail alone; the engine and the others go on
+                    for request in batch:
+                        self._fail(request, e)
                     self._recover(e)
 
-    def _prefill_into(self, slot: int, request: Request) -> None:
-        tokens, pad = self.generator._pad([request.prompt])
-        logits, row = self.generator._prefill(self.params, tokens, pad, cache_len=tokens.shape[1])
-        self.cache, self.logits = self._insert(self.cache, self.logits, row, logits, slot)
-        key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+    def _prefill_into(self, slots: list[int], batch: list[Request], length: int) -> None:
+        rows = min(power_of_two(len(batch)), self.max_batch)
+        tokens, pad = self.generator._pad([request.prompt for request in batch] + [[0]] * (rows - len(batch)))
+        targets = np.array(slots + [self.max_batch] * (rows - len(batch)), np.int32)
+        self.cache, self.logits = self._executable(("prefill", rows, length))(self.params, self.cache, self.logits,
+                                                                              tokens, pad, targets)
         s = self.state
-        s["index"][slot], s["pad"][slot], s["t"][slot] = tokens.shape[1], pad[0], 0
-        s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
-        s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
-        s["top_p"][slot], s["min_p"][slot] = request.top_p, request.min_p
-        s["logprobs"][slot] = request.logprobs >= 0
-        self.slots[slot] = request
+        for row, (slot, request) in enumerate(zip(slots, batch)):
+            key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+            s["index"][slot], s["pad"][slot], s["t"][slot] = length, pad[row], 0
+            s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
+            s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
+            s["top_p"][slot], s["min_p"][slot] = request.top_p, request.min_p
+            s["logprobs"][slot] = request.logprobs >= 0
+            self.slots[slot] = request
 
     def _emit(self, request: Request) -> None:
         try:
