@@ -1,15 +1,16 @@
 """Continuous batching: one KV cache of max_batch slots that requests join and leave at chunk boundaries.
 
 Waiting requests take the free slots, those whose prompts share a bucket length prefilled together (sample.py's
-prefill, its caches written into their slots); then the slots in use decode CHUNK tokens per jitted call, each at its own cache position (the model writes a [B] vector
-of cache indices). A call reads only the rows up to the last slot in use and the cache slots the requests in
-flight can reach, rounded up to powers of two: its cost follows the requests, not the cache's size (a whole
-context per slot). Between chunks the engine thread hands each request its new tokens, ends those at
-end-of-text, their max_tokens, a stop string or a disconnected client, and fills the freed slots from the
-queue: a finished request never waits for the others. Each row samples with its own key (the request's seed,
-folded with the row's own token count) and its own rules, computed as for one row alone, so a request's
-output does not depend on which requests share its batch, and equals sample.py's for the same seed and knobs
-(up to float rounding, which can differ between batch shapes and so, rarely, flip a near-tie).
+prefill, the caches written into their slots); then the slots in use decode CHUNK tokens per jitted call, each
+at its own cache position (the model writes a [B] vector of cache indices). A call reads only the rows up to
+the last slot in use and the cache slots the requests in flight can reach, rounded up to powers of two: its
+cost follows the requests, not the cache's size (a whole context per slot). Between chunks the engine thread
+hands each request its new tokens, ends those at end-of-text, their max_tokens, a stop string or a
+disconnected client, and fills the freed slots from the queue: a finished request never waits for the others.
+Each row samples with its own key (the request's seed, folded with the row's own token count) and its own
+rules, computed as for one row alone, so a request's output does not depend on which requests share its
+batch, and equals sample.py's for the same seed and knobs (up to float rounding, which can differ between
+batch shapes and so, rarely, flip a near-tie).
 """
 
 from __future__ import annotations
