@@ -250,9 +250,17 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
     submitted = []
     submit = served.engine.submit
     monkeypatch.setattr(served.engine, "submit", lambda requests: (submitted.extend(requests), submit(requests)))
-    with served.engine.lock:  # hang up before it could have finished: one chunk of 8 tokens at most
-        r = client.stream("POST", "/v1/completions", json={"prompt": "A", "max_tokens": 30, "stream": True})
-        response = r.__enter__()
+    chunk = served.engine._chunk
+
+    def chunk_then_wait():  # after each chunk of 8 tokens the engine waits (up to 10 s) for the hang-up
+        chunk()
+        deadline = time.time() + 10
+        while not submitted[0].cancelled.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(served.engine, "_chunk", chunk_then_wait)
+    r = client.stream("POST", "/v1/completions", json={"prompt": "A", "max_tokens": 30, "stream": True})
+    response = r.__enter__()
     next(response.iter_lines())
     r.__exit__(None, None, None)
     deadline = time.time() + 10

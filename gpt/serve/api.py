@@ -21,6 +21,7 @@ import os
 import queue
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -69,6 +70,19 @@ class CompletionRequest(BaseModel):
 def error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                "code": None}})
+
+
+@dataclass(frozen=True)
+class Update:
+    """A request as the engine thread emitted it (it goes on changing the request while the handler reads)."""
+    request: Request
+    tokens: list[int]
+    steps: int  # how many of request.steps there were
+    finish: str | None
+
+    @staticmethod
+    def of(request: Request) -> "Update":
+        return Update(request, list(request.tokens), len(request.steps), request.finish)
 
 
 class Choice:
@@ -148,7 +162,7 @@ def create_app(served: Served) -> FastAPI:
                 if body.max_tokens > 0:
                     request = Request(ids, body.max_tokens, body.temperature, body.top_k, body.top_p, body.min_p,
                                       seed + j, body.logprobs if body.logprobs is not None else -1,
-                                      emit=lambda r: loop.call_soon_threadsafe(updates.put_nowait, r),
+                                      emit=lambda r: loop.call_soon_threadsafe(updates.put_nowait, Update.of(r)),
                                       stop=served.stop_rule(stops))
                 choices.append(Choice(p * body.n + j, prompt, ids, request))
         try:
@@ -178,14 +192,14 @@ def create_app(served: Served) -> FastAPI:
         if not body.stream:
             while running:  # plain handlers are not cancelled when the client goes: look every half second
                 try:
-                    request = await asyncio.wait_for(updates.get(), timeout=0.5)
+                    update = await asyncio.wait_for(updates.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         cancel_all()
                         return error(499, "the client closed the connection", None)
                     continue
-                if request.finish is not None:
-                    running.pop(id(request), None)
+                if update.finish is not None:  # the engine leaves a finished request alone: read it whole below
+                    running.pop(id(update.request), None)
             if any(c.request is not None and c.request.finish == "error" for c in choices):
                 return error(500, "decoding failed on the server (its log says why); the server goes on", None,
                              "server_error")
@@ -208,26 +222,27 @@ def create_app(served: Served) -> FastAPI:
                                                          "finish_reason": None}]})
                 for c in choices:
                     if c.request is None:
-                        yield _sse({**head, "choices": [finished_choice(c, None) | {"text": ""}]})
+                        empty = served.logprobs_object([], c.offset) if body.logprobs is not None else None
+                        yield _sse({**head, "choices": [finished_choice(c, empty) | {"text": ""}]})
                 while running:
-                    request = await updates.get()
-                    c = running.get(id(request))
+                    update = await updates.get()  # what the request held when the engine emitted it
+                    c = running.get(id(update.request))
                     if c is None:
                         continue
-                    text = served.visible(request.tokens, stops, hold=request.finish is None)
+                    text = served.visible(update.tokens, stops, hold=update.finish is None)
                     delta, c.sent = text[c.sent:], max(c.sent, len(text))
                     logprobs = None
                     if body.logprobs is not None:  # those of the tokens the text shown so far holds whole
-                        end = len(request.steps) if request.finish is not None else \
-                            served.whole_tokens(request.tokens, c.sent_tokens, c.sent)
-                        logprobs = served.logprobs_object(served.steps(request, c.sent_tokens, end, body.logprobs),
-                                                          c.offset)
+                        end = update.steps if update.finish is not None else \
+                            min(served.whole_tokens(update.tokens, c.sent_tokens, c.sent), update.steps)
+                        logprobs = served.logprobs_object(
+                            served.steps(update.request, c.sent_tokens, end, body.logprobs), c.offset)
                         c.sent_tokens, c.offset = end, c.offset + sum(map(len, logprobs["tokens"]))
-                    if request.finish is not None:
-                        running.pop(id(request))
-                    if delta or request.finish is not None or (logprobs and logprobs["tokens"]):
+                    if update.finish is not None:
+                        running.pop(id(update.request))
+                    if delta or update.finish is not None or (logprobs and logprobs["tokens"]):
                         yield _sse({**head, "choices": [{"text": delta, "index": c.index, "logprobs": logprobs,
-                                                         "finish_reason": request.finish}]})
+                                                         "finish_reason": update.finish}]})
                     if await http.is_disconnected():
                         return  # (the finally below frees the slots)
                 if body.stream_options is not None and body.stream_options.include_usage:

@@ -252,6 +252,8 @@ class Engine:
     def _compile_wanted(self) -> None:
         """The background compiler: each wanted shape, once."""
         while (shape := self._to_compile.get()) is not None:  # None: the engine is closing
+            if shape in self.compiled:  # the engine thread needed it first
+                continue
             try:
                 self.log(f"compiled {self.describe(shape)} in {self._compile(shape):.1f}s")
             except Exception as e:  # what is compiled goes on serving
@@ -364,11 +366,11 @@ class Engine:
         rows = min(power_of_two(len(batch)), self.max_batch)
         tokens, pad = self.generator._pad([request.prompt for request in batch] + [[0]] * (rows - len(batch)))
         targets = np.array(slots + [self.max_batch] * (rows - len(batch)), np.int32)
+        keys = [np.asarray(jax.random.key_data(jax.random.key(request.seed))) for request in batch]
         self.cache, self.logits = self._executable(("prefill", rows, length))(self.params, self.cache, self.logits,
                                                                               tokens, pad, targets)
         s = self.state
-        for row, (slot, request) in enumerate(zip(slots, batch)):
-            key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+        for row, (slot, request, key) in enumerate(zip(slots, batch, keys)):
             s["index"][slot], s["pad"][slot], s["t"][slot] = length, pad[row], 0
             s["limit"][slot], s["active"][slot], s["keys"][slot] = request.max_tokens, True, key
             s["temperature"][slot], s["top_k"][slot] = request.temperature, request.top_k
@@ -388,10 +390,10 @@ class Engine:
         request.finish = "error"
         self._emit(request)
 
-    def _recover(self, error: Exception) -> None:
-        """After a compiled call failed (out of memory, say): if it had consumed the donated cache, fail the
-        requests in flight and start from a fresh cache, so the engine goes on serving new ones."""
-        if not any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.logits))):
+    def _recover(self, error: Exception, always: bool = False) -> None:
+        """After a call failed: if it had consumed the donated cache (or always), fail the requests in flight
+        and start from a fresh cache, so the engine goes on serving new ones."""
+        if not always and not any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.logits))):
             return
         for slot, request in enumerate(self.slots):
             if request is not None:
@@ -402,20 +404,17 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            busy = False
             with self.lock:
-                if self._pending is not None and not any(self.slots):  # drained: take the new parameters
-                    self._take_pending()
-                self._admit()
-                busy = any(self.slots)
-                if busy:
-                    try:
+                try:
+                    if self._pending is not None and not any(self.slots):  # drained: take the new parameters
+                        self._take_pending()
+                    self._admit()
+                    busy = any(self.slots)
+                    if busy:
                         self._chunk()
-                    except Exception as e:  # the compiled step itself failed: fail what is in flight, go on
-                        for slot, request in enumerate(self.slots):
-                            if request is not None:
-                                self._fail(request, e)
-                                self.slots[slot], self.state["active"][slot] = None, False
-                        self._recover(e)
+                except Exception as e:  # a compiled call failed (out of memory, say): fail what is in flight,
+                    self._recover(e, always=True)  # start from a fresh cache, go on serving
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
