@@ -189,10 +189,11 @@ class Corpus:
     meta: dict
 
 
-def load_corpora(d: DataConfig, block_size: int, quiet: bool = False) -> list[Corpus]:
-    """Every corpus of the dataset spec prepared (or found) and checked against the run."""
+def load_corpora(d: DataConfig, block_size: int, quiet: bool = False, build: bool = True) -> list[Corpus]:
+    """Every corpus of the dataset spec prepared (or found; build=False: found, or a one-line error) and checked
+    against the run."""
     return [Corpus(c.spec, directory, c.weight, prepare.validate(directory, d.tokenizer, block_size))
-            for c, directory in prepare.prepare_all(d, quiet)]
+            for c, directory in prepare.prepare_all(d, quiet, build)]
 
 
 def identity(corpora: list[Corpus]) -> list[dict]:

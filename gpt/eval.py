@@ -109,19 +109,11 @@ def summarize(nats_W: np.ndarray, bytes_W: np.ndarray, tokens_W: np.ndarray) -> 
 def split_tokens(run: Config, corpus: list | None, split: str):
     """The whole split of the prepared corpus the run trained on, checked to be that corpus (for a mixture, its
     corpora's splits one after another)."""
-    from gpt import data, prepare, sources
+    from gpt import data
 
-    corpora = []
-    for component in sources.parse_dataset(run.data.dataset):
-        directory = prepare.corpus_dir(run.data, component)
-        if not (directory / "meta.json").is_file():
-            raise ConfigError(f"the run's corpus is not prepared at {directory}: prepare it with python -m gpt.cli "
-                              f"prepare --dataset={run.data.dataset} --tokenizer={run.data.tokenizer} "
-                              f"--data_dir={run.data.data_dir} (a relative data_dir is read from the current directory)")
-        meta = prepare.validate(directory, run.data.tokenizer, run.model.block_size)
-        corpora.append(data.Corpus(component.spec, directory, component.weight, meta))
+    corpora = data.load_corpora(run.data, run.model.block_size, build=False)
     # (A checkpoint from before corpus format 2 recorded one dict, of a corpus no longer prepared: its split is
-    # scored as the corpus is prepared now, the tokenizer being checked above.)
+    # scored as the corpus is prepared now, its tokenizer checked as it is loaded.)
     if isinstance(corpus, list) and data.identity(corpora) != corpus:
         raise ConfigError(f"the prepared corpus {data.identity(corpora)} is not the {corpus} the checkpoint was "
                           "trained on: prepare the run's corpus again")

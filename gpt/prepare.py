@@ -96,9 +96,20 @@ def corpus_dir(data: DataConfig, component: sources.Component, key: dict | None 
     return Path(data.data_dir) / f"{_label(component)}-{data.tokenizer}-{digest}"
 
 
-def prepare_all(data: DataConfig, quiet: bool = False) -> list[tuple[sources.Component, Path]]:
-    """Every corpus of the dataset spec, prepared (or found): [(component, directory)]."""
-    return [(c, prepare(data, c, quiet)) for c in sources.parse_dataset(data.dataset)]
+def prepare_all(data: DataConfig, quiet: bool = False, build: bool = True) -> list[tuple[sources.Component, Path]]:
+    """Every corpus of the dataset spec, prepared (or found; with build=False only found, or a one-line error):
+    [(component, directory)]."""
+    return [(c, prepare(data, c, quiet) if build else prepared(data, c)) for c in sources.parse_dataset(data.dataset)]
+
+
+def prepared(data: DataConfig, component: sources.Component) -> Path:
+    """The corpus's directory, which must hold a prepared corpus already (scoring a run tokenizes nothing)."""
+    directory = corpus_dir(data, component)
+    if not (directory / "meta.json").is_file():
+        raise ConfigError(f"the run's corpus is not prepared at {directory}: prepare it with python -m gpt.cli "
+                          f"prepare --dataset={data.dataset} --tokenizer={data.tokenizer} --data_dir={data.data_dir} "
+                          "(a relative data_dir is read from the current directory)")
+    return directory
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -154,6 +155,18 @@ def test_bad_input_is_one_line_and_exit_2(byte_run, tmp_path, capsys, argv, mess
     code, out, err = run_command(main, [f"--out_dir={byte_run}", *argv], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_run_whose_corpus_is_not_prepared_is_refused_and_nothing_is_tokenized(byte_run, capsys):
+    data_dir = Path(byte_run).parent / "data"
+    data_dir.rename(data_dir.with_suffix(".away"))
+    try:
+        code, out, err = run_command(main, [f"--out_dir={byte_run}"], capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert "the run's corpus is not prepared at" in err and "python -m gpt.cli prepare" in err
+        assert not data_dir.exists()
+    finally:
+        data_dir.with_suffix(".away").rename(data_dir)
 
 
 def test_python_m_gpt_eval_runs_and_refuses_in_one_line(byte_run, tmp_path):
