@@ -4,6 +4,7 @@ of bad request its 4xx, a disconnected client's slot freed, a newer checkpoint p
 in a real headless Chromium."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -296,6 +297,25 @@ def test_a_newer_checkpoint_is_picked_up(server, run_dir):
     assert client.get("/v1/models").json()["data"][0]["step"] == 8
     assert score() != before  # other parameters score the same text otherwise
     assert client.post("/v1/reload").json() == {"step": 8, "reloaded": False}
+
+
+def test_a_newer_checkpoint_of_another_model_is_refused_once_and_logged(run_dir, monkeypatch):
+    from gpt import checkpoint
+
+    logs = []
+    served = Served(ServeConfig(out_dir=str(run_dir), step=4, reload_interval=0), MeshConfig(), log=logs.append)
+    load = checkpoint.load_params
+
+    def another_model(out_dir, step, mesh):  # step 8 as if saved by a run of another shape
+        cfg, params, meta, step = load(out_dir, step, mesh)
+        return dataclasses.replace(cfg, n_layer=cfg.n_layer + 1), params, meta, step
+
+    monkeypatch.setattr(checkpoint, "load_params", another_model)
+    assert served.reload() == (4, False) and served.step == 4 and served.rejected == {8}
+    assert sum("step 8" in line and "another model" in line for line in logs) == 1
+    assert served.reload() == (4, False)  # not loaded again
+    assert sum("another model" in line for line in logs) == 1
+    served.engine.close()
 
 
 def free_port() -> int:

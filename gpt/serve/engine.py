@@ -298,7 +298,8 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join()
+        if self._started:
+            self._thread.join()
         self._to_compile.put(None)
         if self._compiler.is_alive():
             self._compiler.join()
