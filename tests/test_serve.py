@@ -23,7 +23,7 @@ from gpt.cli import run_sample, run_train
 from gpt.config import MeshConfig, ServeConfig
 from gpt.serve.api import create_app
 from gpt.serve.engine import Engine, Request
-from gpt.serve.model import Served
+from gpt.serve.served import Served
 from tests.helpers import REPO, TINY, run_command, simulated_devices_env
 
 

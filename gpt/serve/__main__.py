@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
         import uvicorn
 
         from gpt.serve.api import create_app
-        from gpt.serve.model import Served
+        from gpt.serve.served import Served
         from gpt.sharding import initialize_distributed
 
         args = parse_args(ServeArgs(), argv, allow_preset=False)

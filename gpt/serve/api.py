@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.serve.engine import TOP_LOGPROBS, Request
-from gpt.serve.model import Served
+from gpt.serve.served import Served
 
 
 class StreamOptions(BaseModel):
