@@ -140,16 +140,9 @@ def _read_prompts(s) -> list[str]:
     return [prompt]
 
 
-def _stop_rule(s, tok):
-    """(the stop string, stop(new_ids) -> the number of tokens that first spell it out, or None)."""
-    stop_text = s.stop.replace("\\n", "\n").replace("\\t", "\t")
-
-    def stop(new_ids: list[int]):
-        if not stop_text or stop_text not in tok.decode(new_ids):
-            return None
-        return next(k for k in range(1, len(new_ids) + 1) if stop_text in tok.decode(new_ids[:k]))
-
-    return stop_text, stop
+def _stops(s) -> list[str]:
+    """The stop string asked for (\\n and \\t written as escapes), as a list: empty when none is."""
+    return [s.stop.replace("\\n", "\n").replace("\\t", "\t")] if s.stop else []
 
 
 def _sample(args, prompts: list[str], loaded) -> int:
@@ -157,7 +150,7 @@ def _sample(args, prompts: list[str], loaded) -> int:
     import time
 
     from gpt.logits import Rules
-    from gpt.sampling import Generator
+    from gpt.sampling import Generator, before_stop, stop_rule
     from gpt.tokenizer import get_tokenizer
 
     s = args.sample
@@ -171,11 +164,8 @@ def _sample(args, prompts: list[str], loaded) -> int:
     ids = [tok.encode(p) for p in prompts for _ in range(s.num_samples)]
     texts = [p for p in prompts for _ in range(s.num_samples)]
     max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
-    stop_text, stop = _stop_rule(s, tok)
-
-    def visible(new_ids: list[int]) -> str:
-        text = tok.decode(new_ids)
-        return text[: text.index(stop_text)] if stop_text and stop_text in text else text
+    stops = _stops(s)
+    visible = lambda new_ids: before_stop(tok.decode(new_ids), stops)
 
     stream = len(ids) == 1 and not s.json
     shown = [0]
@@ -190,7 +180,7 @@ def _sample(args, prompts: list[str], loaded) -> int:
         print(texts[0], end="", flush=True)
     t0 = time.perf_counter()
     outputs = Generator(model_cfg, params, tok.eot_token).generate(
-        ids, max_new, rules, s.seed, stop=stop if stop_text else None,
+        ids, max_new, rules, s.seed, stop=stop_rule(stops, tok.decode),
         on_chunk=on_chunk if stream else None, sliding_window=s.sliding_window)
     elapsed = time.perf_counter() - t0
     n_new = sum(len(o) for o in outputs)
@@ -212,21 +202,19 @@ def _beam_sample(s, prompts: list[str], model_cfg, params, tok, rules) -> int:
     import json
     import time
 
-    from gpt.sampling import Beams, Generator
+    from gpt.sampling import Beams, Generator, before_stop, stop_rule
 
     ids = [tok.encode(p) for p in prompts]
     max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
-    stop_text, stop = _stop_rule(s, tok)
-
+    stops = _stops(s)
     t0 = time.perf_counter()
     beams = Beams(s.num_beams, s.length_penalty, s.early_stopping.lower(), s.num_return_sequences)
     results = Generator(model_cfg, params, tok.eot_token).beam_search(ids, max_new, rules, beams,
-                                                                      stop if stop_text else None)
+                                                                      stop_rule(stops, tok.decode))
     elapsed = time.perf_counter() - t0
     for prompt, prompt_ids, hypotheses in zip(prompts, ids, results):
         for rank, (new_ids, score) in enumerate(hypotheses):
-            text = tok.decode(new_ids)
-            text = text[: text.index(stop_text)] if stop_text and stop_text in text else text  # as sampling shows it
+            text = before_stop(tok.decode(new_ids), stops)  # as sampling shows it
             if s.json:
                 print(json.dumps({"prompt": prompt, "prompt_tokens": prompt_ids, "beam": rank, "tokens": new_ids,
                                   "text": text, "score": score}), flush=True)

@@ -24,6 +24,25 @@ from gpt.logits import Rules, process, sample_logits
 from gpt.model import GPT, init_cache
 
 
+def stop_rule(stops: list[str], decode):
+    """stop(ids) -> how many of ids first spell out any of the stop strings, or None while none appears; None
+    itself when there are no stop strings. sample.py and the server end a sample with it."""
+    if not stops:
+        return None
+
+    def stop(ids: list[int]) -> int | None:
+        if not any(s in decode(ids) for s in stops):
+            return None
+        return next(k for k in range(1, len(ids) + 1) if any(s in decode(ids[:k]) for s in stops))
+
+    return stop
+
+
+def before_stop(text: str, stops: list[str]) -> str:
+    """text up to the first of the stop strings in it (all of it when none is)."""
+    return text[: min((text.index(s) for s in stops if s in text), default=len(text))]
+
+
 def bucket(length: int) -> int:
     return max(8, 1 << (length - 1).bit_length())
 

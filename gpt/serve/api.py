@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt.sampling import stop_rule
 from gpt.serve.engine import TOP_LOGPROBS, Request
 from gpt.serve.served import Served
 
@@ -163,7 +164,7 @@ def create_app(served: Served) -> FastAPI:
                     request = Request(ids, body.max_tokens, body.temperature, body.top_k, body.top_p, body.min_p,
                                       seed + j, body.logprobs if body.logprobs is not None else -1,
                                       emit=lambda r: loop.call_soon_threadsafe(updates.put_nowait, Update.of(r)),
-                                      stop=served.stop_rule(stops))
+                                      stop=stop_rule(stops, tok.decode))
                 choices.append(Choice(p * body.n + j, prompt, ids, request))
         try:
             served.engine.submit([c.request for c in choices if c.request is not None])

@@ -48,7 +48,7 @@ class Request:
     seed: int
     logprobs: int  # alternatives per token to report; -1 = none
     emit: Callable[["Request"], None]
-    stop: Callable[[list[int]], int | None] = lambda ids: None  # tokens to keep when a stop string appears
+    stop: Callable[[list[int]], int | None] | None = None  # sampling.stop_rule: tokens to keep at a stop string
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     steps: list = field(default_factory=list)
@@ -186,7 +186,8 @@ class Engine:
             token = sample_rows(logits, keys, t, s, active)
             chosen, top_id, top_lp = jax.lax.cond(
                 jnp.any(active & s["logprobs"]), logprobs,
-                lambda *_: (jnp.zeros(rows), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32), jnp.zeros((rows, TOP_LOGPROBS))),
+                lambda *_: (jnp.zeros(rows), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32),
+                            jnp.zeros((rows, TOP_LOGPROBS))),
                 logits, token)
             out = (out[0].at[:, i].set(jnp.where(active, token, -1)), out[1].at[:, i].set(chosen),
                    out[2].at[:, i].set(top_id), out[3].at[:, i].set(top_lp))
@@ -387,7 +388,8 @@ class Engine:
             request.finish = request.finish or "cancelled"
 
     def _fail(self, request: Request, error: Exception) -> None:
-        self.log(f"warning: a request failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})")
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        self.log(f"warning: a request failed ({type(error).__name__}: {first_line})")
         request.finish = "error"
         self._emit(request)
 
@@ -434,7 +436,7 @@ class Engine:
                 request.steps += [(int(tokens[slot, i]), float(chosen[slot, i]),
                                    list(zip(top_id[slot, i].tolist(), top_lp[slot, i].tolist()))) for i in range(n)]
             try:
-                keep = request.stop(request.tokens)
+                keep = request.stop(request.tokens) if request.stop else None
             except Exception as e:
                 self._fail(request, e)
                 self.slots[slot], s["active"][slot] = None, False

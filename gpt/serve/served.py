@@ -13,7 +13,7 @@ import numpy as np
 from gpt import checkpoint
 from gpt.config import MeshConfig, ServeConfig
 from gpt.model import GPT
-from gpt.sampling import bucket, load_model
+from gpt.sampling import before_stop, bucket, load_model
 from gpt.serve.engine import Engine
 from gpt.tokenizer import get_tokenizer
 
@@ -82,25 +82,12 @@ class Served:
         if self.s.reload_interval > 0 and self.s.init_from == "resume":
             threading.Thread(target=loop, daemon=True, name="checkpoint-watch").start()
 
-    def stop_rule(self, stops: list[str]):
-        """stop(ids) -> the number of tokens that first spell out any stop string, or None."""
-        decode = self.tokenizer.decode
-
-        def stop(ids: list[int]):
-            if not stops or not any(s in decode(ids) for s in stops):
-                return None
-            return next(k for k in range(1, len(ids) + 1) if any(s in decode(ids[:k]) for s in stops))
-
-        return stop
-
     def visible(self, ids: list[int], stops: list[str], hold: bool = False) -> str:
         """The text of ids (less a final end-of-text) up to a stop string; with hold (the choice still runs),
         less what might still turn into a stop string or a character whose bytes are not all out yet."""
         eot = self.tokenizer.eot_token
         text = self.tokenizer.decode(ids[:-1] if ids and eot is not None and ids[-1] == eot else ids)
-        for s in stops:
-            if s in text:
-                text = text[: text.index(s)]
+        text = before_stop(text, stops)
         if hold:
             text = text.rstrip("\ufffd")
             cut = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
@@ -156,7 +143,8 @@ class Served:
         logits = self._score(self.engine.params, padded)[0, : len(ids) - 1, : self.cfg.vocab_size]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         top_lp, top_id = jax.device_get(jax.lax.top_k(logp, max(k, 1)))
-        chosen = np.asarray(jnp.take_along_axis(logp, jnp.asarray(np.asarray(ids[1:], np.int32))[:, None], axis=1)[:, 0])
+        targets = jnp.asarray(np.asarray(ids[1:], np.int32))[:, None]
+        chosen = np.asarray(jnp.take_along_axis(logp, targets, axis=1)[:, 0])
         return [(ids[0], None, [])] + [(ids[i + 1], float(chosen[i]), list(zip(top_id[i, :k].tolist(),
                                                                                top_lp[i, :k].tolist())))
                                        for i in range(len(ids) - 1)]
