@@ -31,7 +31,8 @@ def _take(x, index_BJ):
 
 
 def beam_search(step, cache, logits_BV, tokens_BL, pad_B, rules: tuple, *, num_beams: int, max_new: int,
-                length_penalty, early_stopping: str, ngram: int, eot: int | None, batch_axis: int):
+                length_penalty, early_stopping: str, ngram: int, processing: bool, eot: int | None,
+                batch_axis: int):
     """The finished pool of each prompt after the search: (tokens [B, K, max_new], lengths [B, K], scores
     [B, K]), best first. step(token_N, position_N, mask_N1T, cache, index) -> (logits_NV, cache) runs the model
     on one new token per row; cache and logits_BV are the prompts' prefill (B rows), repeated here K times."""
@@ -45,10 +46,11 @@ def beam_search(step, cache, logits_BV, tokens_BL, pad_B, rules: tuple, *, num_b
     top_K = jnp.arange(2 * k) < k  # only the best K continuations may finish; the rest are spares to run on
 
     def body(carry):
-        t, cache, logits_NV, run_tok, run_score, fin_tok, fin_len, fin_score, fin_done, open_B, _ = carry
-        history_NL = jnp.concatenate([prompt_NL, run_tok.reshape(n, max_new)], axis=1)
-        logp_NV = process(jax.nn.log_softmax(logits_NV.astype(jnp.float32), axis=-1), history_NL, pad_N,
-                          prompt_len + t, t, rules, ngram, eot)
+        t, cache, logits_NV, run_tok, run_score, fin_tok, fin_len, fin_score, fin_done, open_B = carry
+        logp_NV = jax.nn.log_softmax(logits_NV.astype(jnp.float32), axis=-1)
+        if processing:  # (compiled in only when a rule asks for it, as in the sampling loop)
+            history_NL = jnp.concatenate([prompt_NL, run_tok.reshape(n, max_new)], axis=1)
+            logp_NV = process(logp_NV, history_NL, pad_N, prompt_len + t, t, rules, ngram, eot)
         vocab = logp_NV.shape[-1]
         total = (logp_NV.reshape(b, k, vocab) + run_score[:, :, None]).reshape(b, k * vocab)
         cand_score, cand = jax.lax.top_k(total, 2 * k)  # [B, 2K]
@@ -84,16 +86,15 @@ def beam_search(step, cache, logits_BV, tokens_BL, pad_B, rules: tuple, *, num_b
         best_possible = run_score[:, :1] / best_length ** length_penalty
         worst = jnp.where(fin_done, jnp.min(fin_score, axis=1, keepdims=True), NEG)
         open_B = open_B & jnp.any(best_possible > worst, axis=1)
-        return t + 1, cache, logits_NV, run_tok, run_score, fin_tok, fin_len, fin_score, fin_done, open_B, \
-            jnp.all(ends)
+        return t + 1, cache, logits_NV, run_tok, run_score, fin_tok, fin_len, fin_score, fin_done, open_B
 
-    def cond(carry):
-        t, fin_done, open_B, all_ended = carry[0], carry[8], carry[9], carry[10]
-        return (t < max_new) & jnp.any(open_B) & ~(jnp.all(fin_done) & early_true) & ~all_ended
+    def cond(carry):  # (every candidate ends only at max_new: at most one of a parent's is end-of-text)
+        t, fin_done, open_B = carry[0], carry[8], carry[9]
+        return (t < max_new) & jnp.any(open_B) & ~(jnp.all(fin_done) & early_true)
 
     run_score = jnp.where(jnp.arange(k) == 0, 0.0, NEG) * jnp.ones((b, 1))  # at first the K copies are one
     carry = (jnp.int32(0), cache, logits_NV, jnp.zeros((b, k, max_new), jnp.int32), run_score,
              jnp.zeros((b, k, max_new), jnp.int32), jnp.zeros((b, k), jnp.int32), jnp.full((b, k), NEG),
-             jnp.zeros((b, k), bool), jnp.ones((b,), bool), jnp.asarray(False))
+             jnp.zeros((b, k), bool), jnp.ones((b,), bool))
     carry = jax.lax.while_loop(cond, body, carry)
     return carry[5], carry[6], carry[7]

@@ -159,11 +159,12 @@ def _sample(args, prompts: list[str], loaded) -> int:
     print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
     rules = Rules(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.no_repeat_ngram_size,
                   s.min_new_tokens)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, prompt_ids)), 1)
     if s.num_beams > 1:
-        return _beam_sample(s, prompts, model_cfg, params, tok, rules)
-    ids = [tok.encode(p) for p in prompts for _ in range(s.num_samples)]
+        return _beam_sample(s, prompts, prompt_ids, max_new, model_cfg, params, tok, rules)
+    ids = [p for p in prompt_ids for _ in range(s.num_samples)]
     texts = [p for p in prompts for _ in range(s.num_samples)]
-    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
     stops = _stops(s)
     visible = lambda new_ids: before_stop(tok.decode(new_ids), stops)
 
@@ -197,15 +198,13 @@ def _sample(args, prompts: list[str], loaded) -> int:
     return 0
 
 
-def _beam_sample(s, prompts: list[str], model_cfg, params, tok, rules) -> int:
+def _beam_sample(s, prompts: list[str], ids: list[list[int]], max_new: int, model_cfg, params, tok, rules) -> int:
     """sample.py with num_beams > 1: each prompt's best num_return_sequences hypotheses and their scores."""
     import json
     import time
 
     from gpt.sampling import Beams, Generator, before_stop, stop_rule
 
-    ids = [tok.encode(p) for p in prompts]
-    max_new = s.max_new_tokens if s.max_new_tokens > 0 else max(model_cfg.block_size - max(map(len, ids)), 1)
     stops = _stops(s)
     t0 = time.perf_counter()
     beams = Beams(s.num_beams, s.length_penalty, s.early_stopping.lower(), s.num_return_sequences)

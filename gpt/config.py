@@ -574,8 +574,7 @@ def validate_sample(s: SampleConfig, asked: frozenset = frozenset()) -> None:
         raise ConfigError(f"top_k={s.top_k}: must be >= 0 (0 = no top-k filter)")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"top_p={s.top_p}: must be in (0, 1]")
-    if s.init_from != "resume" and not Path(s.init_from).is_dir():
-        raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
+    check_model_source(s.init_from)
     if s.start == "" and not s.prompts:
         raise ConfigError("start='': the prompt is empty; give at least one character")
 
@@ -588,8 +587,13 @@ def validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"max_batch={s.max_batch}, max_queue={s.max_queue}: both must be >= 1")
     if s.reload_interval < 0:
         raise ConfigError(f"reload_interval={s.reload_interval}: must be >= 0 (0 = only on request)")
-    if s.init_from != "resume" and not Path(s.init_from).is_dir():
-        raise ConfigError(f"init_from={s.init_from!r}: use resume or a Hugging Face GPT-2 directory")
+    check_model_source(s.init_from)
+
+
+def check_model_source(init_from: str) -> None:
+    """What sample.py and the server load: resume (a checkpoint in out_dir) or a Hugging Face directory."""
+    if init_from != "resume" and not Path(init_from).is_dir():
+        raise ConfigError(f"init_from={init_from!r}: use resume or a Hugging Face GPT-2 directory")
 
 
 def check_writable_dir(key: str, path: str) -> None:

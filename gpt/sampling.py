@@ -71,10 +71,12 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, eot_token: int | None = None):
         self.cfg, self.params, self.eot = cfg, params, eot_token
         self.model = GPT(cfg)
+        self.batch_axis = 1 if cfg.scan_layers else 0  # of the cache arrays (init_cache's layout)
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len")
         self._decode = jax.jit(self._decode_fn, static_argnames=("steps", "ngram", "processing"),
                                donate_argnames="carry")
-        self._beams = jax.jit(self._beam_fn, static_argnames=("num_beams", "max_new", "early_stopping", "ngram"))
+        self._beams = jax.jit(self._beam_fn, static_argnames=("num_beams", "max_new", "early_stopping", "ngram",
+                                                                  "processing"))
 
     def _prefill_fn(self, params, tokens, pad, cache_len: int):
         """tokens [B, L] left-padded by pad [B]; returns the logits of the last position and the filled cache."""
@@ -123,11 +125,11 @@ class Generator:
         return jax.lax.while_loop(cond, body, carry)
 
     def _beam_fn(self, params, cache, logits, tokens, pad, rules: tuple, length_penalty, num_beams: int,
-                 max_new: int, early_stopping: str, ngram: int):
+                 max_new: int, early_stopping: str, ngram: int, processing: bool):
         step = lambda *args: self._step(params, *args)
         return beam_search(step, cache, logits, tokens, pad, rules, num_beams=num_beams, max_new=max_new,
-                           length_penalty=length_penalty, early_stopping=early_stopping, ngram=ngram, eot=self.eot,
-                           batch_axis=1 if self.cfg.scan_layers else 0)
+                           length_penalty=length_penalty, early_stopping=early_stopping, ngram=ngram,
+                           processing=processing, eot=self.eot, batch_axis=self.batch_axis)
 
     def beam_search(self, prompts: list[list[int]], max_new_tokens: int, rules: Rules, beams: Beams,
                     stop=None) -> list[list[tuple[list[int], float]]]:
@@ -135,18 +137,13 @@ class Generator:
         the ids end with end-of-text where the hypothesis ended there; the score is sum(log p) / length **
         length_penalty, as transformers' sequences_scores. stop(ids) -> int | None cuts a returned hypothesis
         at a stop string (the search itself ends hypotheses at end-of-text and the length limit)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("a prompt is empty: give at least one token")
-        longest = max(map(len, prompts))
-        if longest + max_new_tokens > self.cfg.block_size:  # (the cache may be longer: positions are what count)
-            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                              f"context of block_size={self.cfg.block_size} tokens")
+        self._fits(prompts, max_new_tokens, sliding_window=None)
         tokens, pad = self._pad(prompts)
         logits, cache = self._prefill(self.params, tokens, pad, cache_len=tokens.shape[1] + max_new_tokens)
         out, lengths, scores = jax.device_get(self._beams(
             self.params, cache, logits, tokens, pad, rules.traced(), jnp.float32(beams.length_penalty),
             num_beams=beams.num_beams, max_new=max_new_tokens, early_stopping=beams.early_stopping,
-            ngram=rules.no_repeat_ngram_size))
+            ngram=rules.no_repeat_ngram_size, processing=rules.processing))
         results = []
         for b in range(len(prompts)):
             hypotheses = []
@@ -165,14 +162,8 @@ class Generator:
         that row, keeping that many tokens (stop strings). on_chunk(rows): the new tokens so far (streaming).
         sliding_window: let prompt + max_new_tokens exceed block_size by re-reading the last half context.
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("a prompt is empty: give at least one token")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens <= self.cfg.block_size:
+        if self._fits(prompts, max_new_tokens, sliding_window):
             return self._generate(prompts, max_new_tokens, rules, jax.random.key(seed), stop, on_chunk)
-        if not sliding_window:
-            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                              f"context of block_size={self.cfg.block_size} tokens (or pass --sliding_window=True)")
         # Sliding window: generate half a context at a time, each round prefilled from the latest tokens.
         news: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -180,9 +171,11 @@ class Generator:
         while generated < max_new_tokens and not all(finished):
             n = min(self.cfg.block_size // 2, max_new_tokens - generated)
             contexts = [(p + o)[-(self.cfg.block_size - n):] for p, o in zip(prompts, news)]
-            # min_new_tokens counts from the first round; the penalties see this round's context.
+            # min_new_tokens counts from the first round (the loop compiled as in the first round, processors
+            # and all); the penalties see this round's context.
             round_rules = replace(rules, min_new_tokens=max(0, rules.min_new_tokens - generated))
-            out = self._generate(contexts, n, round_rules, jax.random.fold_in(jax.random.key(seed), round_), None, None)
+            out = self._generate(contexts, n, round_rules, jax.random.fold_in(jax.random.key(seed), round_), None,
+                                 None, rules.processing)
             for r, ids in enumerate(out):
                 if not finished[r]:
                     news[r] += ids
@@ -195,6 +188,20 @@ class Generator:
                 on_chunk(news)
         return news
 
+    def _fits(self, prompts: list[list[int]], max_new_tokens: int, sliding_window: bool | None) -> bool:
+        """Whether the prompts and max_new_tokens fit the context. Refused in one line: an empty prompt, and
+        prompts that do not fit unless sliding_window (None: not offered, as in beam search)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt is empty: give at least one token")
+        longest = max(map(len, prompts))
+        if longest + max_new_tokens <= self.cfg.block_size:  # (the cache may be longer: positions are what count)
+            return True
+        if not sliding_window:
+            hint = " (or pass --sliding_window=True)" if sliding_window is False else ""
+            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of block_size={self.cfg.block_size} tokens{hint}")
+        return False
+
     def _pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """The prompts left-padded to a bucket length: tokens [B, L] and each row's padding [B]."""
         length = min(bucket(max(len(p) for p in prompts)), self.cfg.block_size)
@@ -204,7 +211,11 @@ class Generator:
             tokens[row, pad[row]:] = p
         return tokens, pad
 
-    def _generate(self, prompts, max_new_tokens, rules: Rules, key, stop, on_chunk) -> list[list[int]]:
+    def _generate(self, prompts, max_new_tokens, rules: Rules, key, stop, on_chunk,
+                  processing: bool | None = None) -> list[list[int]]:
+        """processing: compile the processors in (default: whether rules turn one on)."""
+        processing = rules.processing if processing is None else processing
+        traced = rules.traced()
         tokens, pad = self._pad(prompts)
         length = tokens.shape[1]
         logits, cache = self._prefill(self.params, tokens, pad, cache_len=length + max_new_tokens)
@@ -212,8 +223,8 @@ class Generator:
         carry = (jnp.int32(0), cache, logits, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), bool))
         cut: dict[int, int] = {}
         while True:
-            carry = self._decode(self.params, carry, tokens, pad, key, rules.traced(), steps=self.CHUNK,
-                                 ngram=rules.no_repeat_ngram_size, processing=rules.processing)
+            carry = self._decode(self.params, carry, tokens, pad, key, traced, steps=self.CHUNK,
+                                 ngram=rules.no_repeat_ngram_size, processing=processing)
             t = int(carry[0])
             rows, done = np.asarray(carry[3][:, :t]).tolist(), np.array(carry[4])
             for r, ids in enumerate(rows):

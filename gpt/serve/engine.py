@@ -129,7 +129,7 @@ class Engine:
                       "keys": np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32),
                       "temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
                       "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
-        self.batch_axis = 1 if cfg.scan_layers else 0
+        self.batch_axis = self.generator.batch_axis
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2), out_shardings=self.replicated)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames=("rows", "span"),
                                out_shardings=self.replicated)
