@@ -38,11 +38,11 @@ def model_source(name: str, directory: str) -> str:
     import flax.linen as nn
     import jax
 
-    from gpt.config import ModelConfig
+    from bench.decode import MODELS
     from gpt.hf import save_hf
     from gpt.model import init_params
 
-    cfg = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
+    cfg = MODELS["gpt2_124m"]
     save_hf(cfg, jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0)), directory)
     return f"--init_from={directory}"
 
@@ -90,14 +90,16 @@ def main() -> None:
     try:
         import httpx
 
+        deadline = time.time() + 600
         while True:  # up once /health answers
-            if server.poll() is not None:
-                sys.exit(f"the server exited ({server.returncode}): {(Path(directory) / 'server.log').read_text()}")
+            if server.poll() is not None or time.time() > deadline:
+                sys.exit(f"the server exited or never answered: {(Path(directory) / 'server.log').read_text()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         compiled = re.search(r"compiled the prefill .* in ([\d.]+)s", (Path(directory) / "server.log").read_text())
         prompt = np.random.default_rng(0).integers(32, 127, 32).tolist()  # ids of printable characters in both vocabularies
         body = {"prompt": prompt, "max_tokens": a.max_tokens, "stream_options": {"include_usage": True},

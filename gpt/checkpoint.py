@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from gpt import sharding
 from gpt.config import Config, ConfigError, MeshConfig, ModelConfig
+from gpt.exits import one_line
 from gpt.model import init_params, layout
 from gpt.optim import STATE_LAYOUT
 
@@ -86,7 +87,7 @@ def _save_error(manager: ocp.CheckpointManager, step: int, error: BaseException)
         if isinstance(cause, OSError):
             reason = f"{cause.strerror or cause} ({errno.errorcode.get(cause.errno, cause.errno)})"
         cause = cause.__cause__ or cause.__context__
-    reason = reason or f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    reason = reason or one_line(error)
     try:  # an earlier save may still be in flight: let it finish before cleaning up
         manager.wait_until_finished()
     except Exception:  # noqa: BLE001 - that failure is the one being reported, or reported by the next line
@@ -143,7 +144,7 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_params, a
             if step is not None or i == len(steps) - 1:
                 raise
             print(f"warning: checkpoint {s} in {manager.directory} does not restore "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying step {steps[i + 1]}", file=sys.stderr)
+                  f"({one_line(e)}); trying step {steps[i + 1]}", file=sys.stderr)
             broken.append(s)
             continue
         _set_aside(manager, broken)

@@ -154,7 +154,7 @@ def _sample(args, prompts: list[str], loaded) -> int:
     from gpt.tokenizer import get_tokenizer
 
     s = args.sample
-    model_cfg, params, tokenizer, source = loaded
+    model_cfg, params, tokenizer, source, _ = loaded
     tok = get_tokenizer(tokenizer)
     print(f"sampling from {source} ({tok.name} tokenizer)", file=sys.stderr)
     rules = Rules(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty, s.no_repeat_ngram_size,

@@ -16,6 +16,13 @@ def quiet_orbax() -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one line for a log or an error: its type and the first line of its message (cut to
+    limit characters), or the type alone when there is no message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines and lines[0] else type(error).__name__
+
+
 def fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code

@@ -241,10 +241,11 @@ class Generator:
 
 
 def load_model(init_from: str, out_dir: str, step: int, mesh_cfg: MeshConfig):
-    """(model config, sharded params, tokenizer name, a description) from a checkpoint or an HF directory."""
+    """(model config, sharded params, tokenizer name, a description, the checkpoint's step or None) from a
+    checkpoint or an HF directory."""
     if init_from == "resume":
         cfg, params, meta, restored = checkpoint.load_params(out_dir, step, mesh_cfg)
-        return cfg, params, meta["tokenizer"]["tokenizer"], f"{out_dir} step {restored}"
+        return cfg, params, meta["tokenizer"]["tokenizer"], f"{out_dir} step {restored}", restored
     cfg, params = from_hf(init_from)
     _, shardings = checkpoint.abstract_params(cfg, sharding.make_mesh(mesh_cfg))
-    return cfg, jax.device_put(params, shardings), "gpt2", f"GPT-2 weights in {init_from}"
+    return cfg, jax.device_put(params, shardings), "gpt2", f"GPT-2 weights in {init_from}", None

@@ -42,7 +42,7 @@ def server(run_dir):
     served.engine.start()
     with TestClient(create_app(served)) as client:
         yield served, client
-    served.engine.close()
+    served.close()
 
 
 def complete(client, **body):
@@ -315,7 +315,25 @@ def test_a_newer_checkpoint_of_another_model_is_refused_once_and_logged(run_dir,
     assert sum("step 8" in line and "another model" in line for line in logs) == 1
     assert served.reload() == (4, False)  # not loaded again
     assert sum("another model" in line for line in logs) == 1
-    served.engine.close()
+    served.close()
+
+
+def test_a_reload_that_fails_without_a_message_is_logged_and_the_watch_goes_on(run_dir, monkeypatch):
+    """(An OSError() has no message: taking its first line once killed the watching thread.)"""
+    logs, calls = [], []
+    served = Served(ServeConfig(out_dir=str(run_dir), step=4, reload_interval=0.05), MeshConfig(), log=logs.append)
+
+    def failing():
+        calls.append(1)
+        raise OSError()
+
+    monkeypatch.setattr(served, "reload", failing)
+    served.watch()
+    deadline = time.time() + 10
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    served.close()
+    assert len(calls) >= 2 and "warning: reload failed (OSError)" in logs
 
 
 def free_port() -> int:

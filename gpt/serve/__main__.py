@@ -36,12 +36,14 @@ def main(argv: list[str]) -> int:
         engine = served.engine
         log(f"compiled the prefill buckets and the decode chunk for {engine.max_batch} rows over {engine.length} "
             f"cache slots in {engine.warm_up():.1f}s (the smaller shapes compile in the background when wanted)")
-        served.engine.start()
+        engine.start()
         served.watch()
         s = args.serve
         log(f"listening on http://{s.host}:{s.port} (max_batch {s.max_batch}, reload every {s.reload_interval}s)")
-        uvicorn.run(create_app(served), host=s.host, port=s.port, log_level="warning")
-        served.engine.close()
+        try:
+            uvicorn.run(create_app(served), host=s.host, port=s.port, log_level="warning")
+        finally:
+            served.close()
         return 0
 
     return guarded(serve)

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt.exits import one_line
 from gpt.sampling import stop_rule
 from gpt.serve.engine import TOP_LOGPROBS, Request
 from gpt.serve.served import Served
@@ -127,8 +128,7 @@ def create_app(served: Served) -> FastAPI:
         try:
             step, reloaded = await asyncio.to_thread(served.reload)
         except Exception as e:  # a checkpoint rotated away mid-read, a full disk: say so, serve on
-            return error(503, f"reload failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                         None, "server_error")
+            return error(503, f"reload failed: {one_line(e)}", None, "server_error")
         return {"step": step, "reloaded": reloaded}
 
     @app.post("/v1/completions")
@@ -156,6 +156,7 @@ def create_app(served: Served) -> FastAPI:
                                   f"of {block} tokens", "prompt")
         seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        stop = stop_rule(stops, tok.decode)
         choices = []
         for p, (prompt, ids) in enumerate(zip(prompts, encoded)):
             for j in range(body.n):
@@ -164,7 +165,7 @@ def create_app(served: Served) -> FastAPI:
                     request = Request(ids, body.max_tokens, body.temperature, body.top_k, body.top_p, body.min_p,
                                       seed + j, body.logprobs if body.logprobs is not None else -1,
                                       emit=lambda r: loop.call_soon_threadsafe(updates.put_nowait, Update.of(r)),
-                                      stop=stop_rule(stops, tok.decode))
+                                      stop=stop)
                 choices.append(Choice(p * body.n + j, prompt, ids, request))
         try:
             served.engine.submit([c.request for c in choices if c.request is not None])

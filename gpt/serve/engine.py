@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gpt.exits import one_line
 from gpt.logits import filter_logits, min_p_filter
 from gpt.model import init_cache
 from gpt.sampling import Generator, bucket
@@ -105,7 +106,7 @@ class Engine:
 
     def __init__(self, cfg, params, eot: int | None, max_batch: int, max_queue: int, log=print):
         self.cfg, self.eot, self.max_batch, self.log = cfg, eot, max_batch, log
-        self.generator = Generator(cfg, params, eot)
+        self.generator = Generator(cfg, None, eot)  # its pure prefill and step; the parameters live here
         self.params = params
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: queue.Queue = queue.Queue()
@@ -258,7 +259,7 @@ class Engine:
             try:
                 self.log(f"compiled {self.describe(shape)} in {self._compile(shape):.1f}s")
             except Exception as e:  # what is compiled goes on serving
-                self.log(f"warning: compiling {self.describe(shape)} failed ({e})")
+                self.log(f"warning: compiling {self.describe(shape)} failed ({one_line(e)})")
 
     def _want(self, shape: tuple[str, int, int]) -> bool:
         """Whether shape is compiled; if not, it is asked of the background compiler (once)."""
@@ -280,11 +281,12 @@ class Engine:
         return call
 
     def _run_decode(self, rows: int, span: int):
-        """One chunk at the cheapest compiled shape covering (rows, span)."""
-        if not self._want(("decode", rows, span)):
-            with self._compiled_lock:
-                covering = [(r, s) for kind, r, s in self.compiled if kind == "decode" and r >= rows and s >= span]
-            rows, span = min(covering or [(rows, span)], key=lambda shape: (shape[0] * shape[1], shape))
+        """One chunk at the cheapest compiled shape covering (rows, span) (that one itself, compiled now, if
+        none does)."""
+        with self._compiled_lock:
+            covering = [(r, s) for kind, r, s in self.compiled if kind == "decode" and r >= rows and s >= span]
+        if covering and not self._want(("decode", rows, span)):
+            rows, span = min(covering, key=lambda shape: (shape[0] * shape[1], shape))
         s = {k: v[:rows] for k, v in self.state.items()}
         self.cache, self.logits, out, index, t, active = self._executable(("decode", rows, span))(
             self.params, self.cache, self.logits, s)
@@ -330,7 +332,7 @@ class Engine:
     def _take_pending(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, None
-        self.params = self.generator.params = pending[0]
+        self.params = pending[0]
         try:
             pending[1]()
         except Exception as e:
@@ -354,7 +356,8 @@ class Engine:
         for request in taken:
             groups.setdefault(min(bucket(len(request.prompt)), self.cfg.block_size), []).append(request)
         for length, group in groups.items():
-            together = self._want(("prefill", min(power_of_two(len(group)), self.max_batch), length))
+            rows = min(power_of_two(len(group)), self.max_batch)
+            together = rows == 1 or self._want(("prefill", rows, length))  # (one prompt: compiled now if need be)
             for batch in [group] if together else [[request] for request in group]:
                 slots, free = free[: len(batch)], free[len(batch):]
                 try:
@@ -388,8 +391,7 @@ class Engine:
             request.finish = request.finish or "cancelled"
 
     def _fail(self, request: Request, error: Exception) -> None:
-        first_line = str(error).splitlines()[0][:200] if str(error) else ""
-        self.log(f"warning: a request failed ({type(error).__name__}: {first_line})")
+        self.log(f"warning: a request failed ({one_line(error)})")
         request.finish = "error"
         self._emit(request)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from gpt import checkpoint
 from gpt.config import MeshConfig, ServeConfig
+from gpt.exits import one_line
 from gpt.model import GPT
 from gpt.sampling import before_stop, bucket, load_model
 from gpt.serve.engine import Engine
@@ -21,8 +22,7 @@ from gpt.tokenizer import get_tokenizer
 class Served:
     def __init__(self, s: ServeConfig, mesh: MeshConfig, log=print):
         self.s, self.mesh, self.log = s, mesh, log
-        self.cfg, params, tokenizer, self.source = load_model(s.init_from, s.out_dir, s.step, mesh)
-        self.step = self._step_of(self.source)
+        self.cfg, params, tokenizer, self.source, self.step = load_model(s.init_from, s.out_dir, s.step, mesh)
         self.tokenizer = get_tokenizer(tokenizer)
         self.name = s.model_name or ("gpt-jax" if s.init_from == "resume" else "gpt2")
         self.engine = Engine(self.cfg, params, self.tokenizer.eot_token, s.max_batch, s.max_queue, log)
@@ -32,10 +32,12 @@ class Served:
         self.rejected: set[int] = set()  # checkpoint steps of another model: not loaded again
         self.pending_step: int | None = None  # loaded, waiting for the requests in flight to finish
         self.loaded_at = int(time.time())
+        self._closed = threading.Event()
 
-    @staticmethod
-    def _step_of(source: str) -> int | None:
-        return int(source.rsplit(" ", 1)[1]) if " step " in source else None
+    def close(self) -> None:
+        """Stop watching for checkpoints and decoding."""
+        self._closed.set()
+        self.engine.close()
 
     def card(self) -> dict:
         """GET /v1/models' entry: the checkpoint's step and the model's config."""
@@ -72,12 +74,11 @@ class Served:
     def watch(self) -> None:
         """Reload every reload_interval seconds (in a daemon thread), if that is set."""
         def loop():
-            while True:
-                time.sleep(self.s.reload_interval)
+            while not self._closed.wait(self.s.reload_interval):
                 try:
                     self.reload()
                 except Exception as e:  # a checkpoint rotated away mid-read, a full disk: try again later
-                    self.log(f"warning: reload failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                    self.log(f"warning: reload failed ({one_line(e)})")
 
         if self.s.reload_interval > 0 and self.s.init_from == "resume":
             threading.Thread(target=loop, daemon=True, name="checkpoint-watch").start()
