@@ -106,7 +106,7 @@ def summarize(nats_W: np.ndarray, bytes_W: np.ndarray, tokens_W: np.ndarray) -> 
             "loss_se": se, "tokens": n_tokens, "bytes": n_bytes, "windows": n_windows}
 
 
-def split_tokens(run: Config, corpus: list | None, split: str):
+def split_tokens(run: Config, corpus: list | dict | None, split: str):
     """The whole split of the prepared corpus the run trained on, checked to be that corpus (for a mixture, its
     corpora's splits one after another)."""
     from gpt import data

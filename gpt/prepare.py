@@ -89,8 +89,8 @@ def already_prepared(component: sources.Component) -> Path | None:
 
 
 def corpus_dir(data: DataConfig, component: sources.Component, key: dict | None = None) -> Path:
-    if prepared := already_prepared(component):
-        return prepared
+    if found := already_prepared(component):
+        return found
     key = corpus_key(data, component) if key is None else key
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(data.data_dir) / f"{_label(component)}-{data.tokenizer}-{digest}"
@@ -131,23 +131,24 @@ def prepare(data: DataConfig, component: sources.Component | None = None, quiet:
     """Tokenize one corpus (the dataset's only one by default); a later call finds meta.json and returns at once."""
     if component is None:
         (component,) = sources.parse_dataset(data.dataset)
-    out = check_preparable(data, component)
+    out, key = _locate(data, component)
     if (out / "meta.json").is_file():
         return out
     with _exclusive(out.parent / f".{out.name}.lock"):
         if not (out / "meta.json").is_file():  # (another process may have prepared it while we waited)
-            _prepare_into(out, data, component, quiet)
+            _prepare_into(out, data, component, key, quiet)
     return out
 
 
-def _prepare_into(out: Path, data: DataConfig, component: sources.Component, quiet: bool) -> None:
+def _prepare_into(out: Path, data: DataConfig, component: sources.Component, key: dict, quiet: bool) -> None:
+    """Tokenize the component into out (named after key, the sources as they were looked at)."""
     tok = get_tokenizer(data.tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    _warn_if_short_of_space(component, out.parent, dtype.itemsize)
+    _warn_if_short_of_space(key, out.parent, dtype.itemsize)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        meta = _tokenize(data, component, tok, dtype, tmp, quiet)
-        meta.update(source=component.spec, key=corpus_key(data, component))
+        meta = _tokenize(data, component, tok, dtype, tmp, sources.text_bytes(key["sources"]), quiet)
+        meta.update(source=component.spec, key=key)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private; a shared data_dir is read by others
         if out.exists() and not (out / "meta.json").is_file():  # debris of something else: it holds no corpus
@@ -173,12 +174,17 @@ def _prepare_into(out: Path, data: DataConfig, component: sources.Component, qui
 def check_preparable(data: DataConfig, component: sources.Component) -> Path:
     """The corpus's directory, if it is prepared or data_dir can be written (it is created if need be); else one
     line saying why not."""
-    if prepared := already_prepared(component):
-        return prepared
+    return _locate(data, component)[0]
+
+
+def _locate(data: DataConfig, component: sources.Component) -> tuple[Path, dict]:
+    """check_preparable's directory, and the key it is named after (the sources looked at once)."""
+    if found := already_prepared(component):
+        return found, {}
     key = corpus_key(data, component)
     out = corpus_dir(data, component, key)
     if (out / "meta.json").is_file():
-        return out
+        return out, key
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -187,7 +193,7 @@ def check_preparable(data: DataConfig, component: sources.Component) -> Path:
         raise ConfigError(f"data_dir={data.data_dir!r} is read-only and holds no corpus prepared from "
                           f"{component.spec!r} as it is now ({_why_missing(data, component, key)}); prepare it "
                           "where data_dir can be written")
-    return out
+    return out, key
 
 
 class _ShardWriter:
@@ -291,13 +297,14 @@ def _encoded(chunks: Iterator[list], tokenizer: str, num_proc: int) -> Iterator[
             yield from pending.popleft().result()
 
 
-def _tokenize(data: DataConfig, component: sources.Component, tok, dtype: np.dtype, tmp: Path, quiet: bool) -> dict:
+def _tokenize(data: DataConfig, component: sources.Component, tok, dtype: np.dtype, tmp: Path,
+              text_bytes: int | None, quiet: bool) -> dict:
     shard_tokens = max(1, int(data.shard_mb * 1e6) // dtype.itemsize)
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = {"documents": 0, "bad_records": 0, "has_text": False}
     max_token, text_bytes, t0 = 0, 0, time.perf_counter()
     workers = num_workers(data.num_proc, data.tokenizer)
-    with tqdm(total=sources.text_bytes(component), unit="B", unit_scale=True, disable=quiet,
+    with tqdm(total=text_bytes, unit="B", unit_scale=True, disable=quiet,
               desc=f"tokenizing {component.spec} ({data.tokenizer}, {workers} process{'es' * (workers > 1)})") as bar:
         for doc, ids, n_bytes in _encoded(_chunks(component, data, counts), data.tokenizer, workers):
             split = "val" if doc % VAL_EVERY == VAL_EVERY - 1 else "train"
@@ -324,9 +331,9 @@ def _tokenize(data: DataConfig, component: sources.Component, tok, dtype: np.dty
             "text_bytes": text_bytes, "seconds": round(seconds, 3), "num_proc": workers}
 
 
-def _warn_if_short_of_space(component: sources.Component, where: Path, token_bytes: int) -> None:
+def _warn_if_short_of_space(key: dict, where: Path, token_bytes: int) -> None:
     """Warn when the disk holds less than the corpus could need: at most one token per byte of input."""
-    need = sources.input_bytes(component) * token_bytes
+    need = sources.input_bytes(key["sources"]) * token_bytes
     free = shutil.disk_usage(where).free
     if free < need:
         print(f"warning: {where} has {free / 2**20:,.1f} MiB free; the prepared corpus may need up to "
@@ -341,7 +348,7 @@ def _why_missing(data: DataConfig, component: sources.Component, key: dict) -> s
     found = []
     for meta_path in Path(data.data_dir).glob(f"{_label(component)}-{data.tokenizer}-*/meta.json"):
         old_key = json.loads(meta_path.read_text()).get("key", {})
-        found.append((meta_path.parent.name, old_key, {name_of(s): s for s in old_key.get("sources", [])}))
+        found.append((meta_path.parent.name, old_key, {name_of(s): s for s in old_key["sources"]}))
     if not found:
         return "nothing of that name was prepared there"
     name, old_key, before = max(sorted(found), key=lambda f: len(set(f[2]) & set(now)))

@@ -154,17 +154,16 @@ def fingerprint(component: Component) -> dict:
     return {"sources": items}
 
 
-def text_bytes(component: Component) -> int | None:
-    """Bytes of text in a component's files, known from their sizes when all are plain .txt files."""
-    if any(s in BUILTIN_CORPORA for s in component.sources):
-        return None
-    files = [f for s in component.sources for f in expand(s)]
-    return sum(f.stat().st_size for f in files) if all(file_format(f) == (".txt", "") for f in files) else None
+def text_bytes(items: list[dict]) -> int | None:
+    """Bytes of text in the files of a fingerprint's items, known from their sizes when all are plain .txt."""
+    files = [i for i in items if "file" in i]
+    plain = len(files) == len(items) and all(file_format(Path(i["file"])) == (".txt", "") for i in files)
+    return sum(i["bytes"] for i in files) if plain else None
 
 
-def input_bytes(component: Component) -> int:
-    """Bytes on disk of a component's files (0 for a built-in corpus): the disk-space estimate."""
-    return sum(f.stat().st_size for s in component.sources if s not in BUILTIN_CORPORA for f in expand(s))
+def input_bytes(items: list[dict]) -> int:
+    """Bytes on disk of the files of a fingerprint's items (built-in corpora count 0): the disk-space estimate."""
+    return sum(i["bytes"] for i in items if "file" in i)
 
 
 class BadRecord(Exception):

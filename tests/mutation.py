@@ -47,7 +47,7 @@ TARGETS = {
                     "tests/test_run.py::test_checkpoints_of_another_layout_or_corpus_are_refused_in_one_line"),
     "sampling_filters": Target("gpt/logits.py", frozenset({"filter_logits", "sample_logits", "sample"}),
                                "tests/test_sampling.py -k 'top_k or top_p or empirical or rules or numpy or greedy_is or leading'"),
-    "batch_source": Target("gpt/data.py", frozenset({"get_batch", "_load", "train", "eval", "offsets", "_perm",
+    "batch_source": Target("gpt/data.py", frozenset({"get_batch", "_load", "train", "eval", "offsets", "permute", "_mix",
                                                      "locate", "_block", "mix_counts", "consumed", "__getitem__",
                                                      "_produce", "get", "close"}),
                            "tests/test_tokenizer_data.py tests/test_batches.py tests/test_train.py"),
